@@ -1,0 +1,315 @@
+"""The CAV-MAE fine-tuned audio-visual classifier and the small helpers every file shares.
+
+CAV-MAE (Gong et al., ICLR 2023, arXiv 2210.07839, code YuanGongND/cav-mae), fine-tuned version
+("CAVMAEFT") as used by READ, ABPEM and BriMPR (XLearning-SCU/2024-ICLR-READ `models/cav_mae.py`).
+Written here from its description, so that `base` loads the published checkpoints
+(`cav_mae_ks50.pth`, `vgg_65.5.pth`) key for key.
+
+    audio fbank (B, T, F) --patch_embed_a--> (B, N_a, D) + pos_embed_a + modality_a
+    video frame (B, 3, H, W) --patch_embed_v--> (B, N_v, D) + pos_embed_v + modality_v
+    blocks_a (L modality-specific blocks)       blocks_v (L modality-specific blocks)
+                 \\                             /
+                  concat [audio; video] (B, N_a + N_v, D)
+                  blocks_u (1 unified block) -> norm -> mean over tokens -> mlp_head -> (B, K)
+
+Every block owns six LayerNorms (`norm1, norm1_a, norm1_v, norm2, norm2_a, norm2_v`). The
+multimodal path uses `norm1/norm2` everywhere; the `_a/_v` norms and the final `norm_a/norm_v`
+are used only when the unified block sees ONE modality (audio-only or video-only inference).
+
+Two configurations share this code: `base` (the published model) and `tiny` (the default: the
+same architecture, narrow and shallow, trained in seconds on the embedded benchmark).
+
+The forward pass is split into plain functions so the method files can put their own pieces in
+between without monkey-patching: `embed_audio / embed_video` (tokens), `keep_tokens` (random
+token subsets, BriMPR's masking), `run_blocks` (a modality-specific encoder, optionally returning
+each block's output), `fuse` (the unified block over both modalities, optionally returning the
+raw attention logits for ABPEM), `fuse_single` (one modality through the unified block),
+`classify` (mlp_head).
+
+Dimension key: B batch, N tokens, D width, H heads, K classes, L modality-specific layers.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+# Width, depth and input sizes of the two configurations. `base` is CAV-MAE as published.
+CONFIGS = {
+    "base": dict(embed_dim=768, num_heads=12, depth=11, depth_u=1, mlp_ratio=4.0,
+                 audio_length=1024, mel_bins=128, image_size=224, patch_size=16),
+    "tiny": dict(embed_dim=64, num_heads=4, depth=3, depth_u=1, mlp_ratio=4.0,
+                 audio_length=128, mel_bins=64, image_size=64, patch_size=16),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (timm layout, qkv_bias=True)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_logits=False):
+        """x: (B, N, D) -> (B, N, D); with return_logits also the scaled pre-softmax logits (B, H, N, N)."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, D/H)
+        logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, N), rows = queries
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, D)
+        out = self.proj(out)
+        return (out, logits) if return_logits else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with three sets of LayerNorms: shared, audio (_a), video (_v)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1, self.norm1_a, self.norm1_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2, self.norm2_a, self.norm2_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def norms(self, modality=None):
+        """The (pre-attention, pre-MLP) norm pair: shared for None, else the modality's own ('a'/'v')."""
+        if modality is None:
+            return self.norm1, self.norm2
+        return (self.norm1_a, self.norm2_a) if modality == "a" else (self.norm1_v, self.norm2_v)
+
+    def forward(self, x, modality=None, return_logits=False):
+        """x: (B, N, D) -> (B, N, D); with return_logits also the attention logits (B, H, N, N)."""
+        n1, n2 = self.norms(modality)
+        a = self.attn(n1(x), return_logits=return_logits)
+        a, logits = a if return_logits else (a, None)
+        x = x + a
+        x = x + self.mlp(n2(x))
+        return (x, logits) if return_logits else x
+
+
+class PatchEmbed(nn.Module):
+    """A Conv2d with kernel = stride = patch size; (B, C, H, W) -> (B, H/p * W/p, D), row-major."""
+
+    def __init__(self, in_chans, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+class CAVMAE(nn.Module):
+    """CAV-MAE fine-tuned classifier. `CAVMAE('base', 50)` has the published checkpoint's keys."""
+
+    def __init__(self, config="tiny", num_classes=10):
+        super().__init__()
+        if config not in CONFIGS:
+            raise ValueError(f"unknown model configuration {config!r}; choose one of {sorted(CONFIGS)}")
+        c = CONFIGS[config]
+        self.config, self.num_classes = config, num_classes
+        D, p = c["embed_dim"], c["patch_size"]
+        self.embed_dim, self.num_heads = D, c["num_heads"]
+        self.audio_length, self.mel_bins, self.image_size = c["audio_length"], c["mel_bins"], c["image_size"]
+        self.n_audio = (c["mel_bins"] // p) * (c["audio_length"] // p)  # 8 x 64 = 512 for base
+        self.n_video = (c["image_size"] // p) ** 2  # 14 x 14 = 196 for base
+
+        self.patch_embed_a = PatchEmbed(1, D, p)
+        self.patch_embed_v = PatchEmbed(3, D, p)
+        self.modality_a = nn.Parameter(torch.zeros(1, 1, D))
+        self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed_a = nn.Parameter(torch.zeros(1, self.n_audio, D))
+        self.pos_embed_v = nn.Parameter(torch.zeros(1, self.n_video, D))
+        self.blocks_a = nn.ModuleList([Block(D, c["num_heads"], c["mlp_ratio"]) for _ in range(c["depth"])])
+        self.blocks_v = nn.ModuleList([Block(D, c["num_heads"], c["mlp_ratio"]) for _ in range(c["depth"])])
+        self.blocks_u = nn.ModuleList([Block(D, c["num_heads"], c["mlp_ratio"]) for _ in range(c["depth_u"])])
+        self.norm_a, self.norm_v, self.norm = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.mlp_head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, num_classes))
+        self._init_weights()
+
+    def _init_weights(self):
+        # Random init for training from scratch (the published model comes from MAE pre-training).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.pos_embed_a, self.pos_embed_v, self.modality_a, self.modality_v):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    # -- tokens -------------------------------------------------------------------------------
+    def embed_audio(self, fbank):
+        """fbank (B, T, F) -> audio tokens (B, N_a, D), frequency-major as in CAV-MAE."""
+        x = fbank.unsqueeze(1).transpose(2, 3)  # (B, 1, F, T)
+        return self.patch_embed_a(x) + self.pos_embed_a + self.modality_a
+
+    def embed_video(self, frame):
+        """frame (B, 3, H, W) -> video tokens (B, N_v, D)."""
+        return self.patch_embed_v(frame) + self.pos_embed_v + self.modality_v
+
+    # -- encoders -----------------------------------------------------------------------------
+    @staticmethod
+    def run_blocks(blocks, x, return_all=False):
+        """Run a list of blocks on x (B, N, D). return_all: also the list of every block's output."""
+        outs = []
+        for blk in blocks:
+            x = blk(x)
+            outs.append(x)
+        return (x, outs) if return_all else x
+
+    def encode(self, audio, video):
+        """Both modality-specific encoders: -> z_a (B, N_a, D), z_v (B, N_v, D)."""
+        z_a = self.run_blocks(self.blocks_a, self.embed_audio(audio))
+        z_v = self.run_blocks(self.blocks_v, self.embed_video(video))
+        return z_a, z_v
+
+    # -- unified block ------------------------------------------------------------------------
+    def fuse(self, z_a, z_v, return_logits=False):
+        """Unified block over [audio; video] -> norm -> token mean: feature (B, D).
+
+        return_logits: also the unified block's scaled pre-softmax attention logits (B, H, N, N)
+        of its (last) attention, audio tokens first (used by ABPEM).
+        """
+        x = torch.cat([z_a, z_v], dim=1)  # (B, N_a + N_v, D)
+        logits = None
+        for blk in self.blocks_u:
+            x = blk(x, return_logits=return_logits)
+            if return_logits:
+                x, logits = x
+        feat = self.norm(x).mean(dim=1)  # (B, D)
+        return (feat, logits) if return_logits else feat
+
+    def fuse_single(self, z, modality):
+        """One modality ('a' or 'v') through the unified block with its own norms -> (B, D)."""
+        for blk in self.blocks_u:
+            z = blk(z, modality=modality)
+        return (self.norm_a if modality == "a" else self.norm_v)(z).mean(dim=1)
+
+    def classify(self, feat):
+        """mlp_head: (B, D) -> logits (B, K)."""
+        return self.mlp_head(feat)
+
+    # -- the three inference paths of CAV-MAE --------------------------------------------------
+    def forward(self, audio, video, mode="multimodal"):
+        """audio (B, T, F), video (B, 3, H, W) -> logits (B, K). mode: multimodal | audioonly | videoonly."""
+        if mode == "audioonly":
+            return self.classify(self.fuse_single(self.run_blocks(self.blocks_a, self.embed_audio(audio)), "a"))
+        if mode == "videoonly":
+            return self.classify(self.fuse_single(self.run_blocks(self.blocks_v, self.embed_video(video)), "v"))
+        if mode != "multimodal":
+            raise ValueError(f"unknown mode {mode!r}; use multimodal, audioonly or videoonly")
+        return self.classify(self.fuse(*self.encode(audio, video)))
+
+
+def keep_tokens(x, keep, generator=None):
+    """Keep `keep` random tokens per sample (each sample its own permutation, MAE-style dropping).
+
+    x: (B, N, D) -> (B, keep, D); the kept tokens stay in their original order.
+    """
+    B, N, D = x.shape
+    noise = torch.rand(B, N, generator=generator, device="cpu").to(x.device)  # (B, N)
+    idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep) distinct token indices
+    return x.gather(1, idx.unsqueeze(-1).expand(B, keep, D))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, seeding, checkpoints
+# ----------------------------------------------------------------------------------------------
+def get_device(name=None):
+    """`cuda` when available, else `cpu`; `name` ('cpu', 'cuda', 'cuda:1') overrides."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch (all devices). Returns a torch.Generator seeded the same."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that does not fit the model; the message says what is wrong and what to do."""
+
+
+def save_checkpoint(path, model, **meta):
+    """Save {'config', 'num_classes', 'state_dict', **meta}; written to a temp file, then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save({"config": model.config, "num_classes": model.num_classes,
+                "state_dict": model.state_dict(), **meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_state_dict_strict(model, state_dict, source="checkpoint"):
+    """Strip `module.` (DataParallel), then load strictly; on any mismatch raise CheckpointError
+    naming the missing, unexpected and wrongly-shaped keys."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
+        raise CheckpointError(
+            f"{source} does not fit CAVMAE(config={model.config!r}, num_classes={model.num_classes}): "
+            f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
+            f"wrong shapes: {show(shapes)}. Check --config and that the file is a CAV-MAE fine-tuned checkpoint.")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def load_checkpoint(path, config=None, device="cpu"):
+    """Load a model from our checkpoint format or a published CAV-MAE state dict.
+
+    Our files carry their config and class count; a published `cav_mae_ks50.pth` is a bare state
+    dict with `module.` keys: pass `config='base'`, the class count is read from mlp_head.1.
+    Returns (model in eval mode on `device`, metadata dict).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist; train one with `python train.py` "
+                              f"or pass the path of a downloaded CAV-MAE checkpoint with --checkpoint.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated download, ...
+        raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}); "
+                              f"is the file complete?") from None
+    if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        sd, cfg = obj["state_dict"], config or obj["config"]
+    elif isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
+        meta, sd, cfg = {}, obj, config or "base"
+    else:
+        raise CheckpointError(f"{path} is not a CAV-MAE state dict nor a checkpoint written by train.py.")
+    head = next((v for k, v in sd.items() if k.endswith("mlp_head.1.weight")), None)
+    if head is None:
+        raise CheckpointError(f"{path} has no mlp_head.1.weight, so it is not a fine-tuned CAV-MAE classifier.")
+    model = CAVMAE(cfg, num_classes=head.shape[0])
+    load_state_dict_strict(model, sd, source=path)
+    meta.update(config=cfg, num_classes=head.shape[0])
+    return model.to(device).eval(), meta

@@ -1,0 +1,1137 @@
+"""Data: the embedded audio-visual benchmark, its corruptions, the READ file layout, missing modalities.
+
+Every loader here yields the same batches, dicts with named fields:
+
+    batch["audio"]      (B, T, F) float  normalised kaldi fbank, T = model.audio_length, F = model.mel_bins
+    batch["video"]      (B, 3, H, W) float  one RGB frame, ImageNet-normalised, H = W = model.image_size
+    batch["label"]      (B,) long   class index
+    batch["index"]      (B,) long   position of the clip in its split (pairs Source with a method)
+    batch["has_audio"]  (B,) bool   only in missing-modality data: False where the audio is missing
+    batch["has_video"]  (B,) bool   likewise for the video
+
+Audio and video go through ONE pre-processing path whatever their origin (`wav_to_fbank`,
+`frames_to_input`): 16 kHz mono -> minus mean -> kaldi fbank (htk_compat, hanning, 10 ms shift,
+no dither) -> pad/cut to T frames -> (x + 5.081) / 4.4849; frames -> resize (bicubic) -> centre crop
+-> /255 -> ImageNet mean/std.
+
+The embedded benchmark (`embedded_splits`) is generated from a seed in a few seconds and cached in
+`.cache/` (see the README for its design). Its corruptions are the 15 video + 6 audio corruptions
+of Kinetics50-C / VGGSound-C, applied to the raw frames / waveforms of the test split before
+pre-processing, exactly where READ applied them to the real clips.
+"""
+import csv
+import json
+import math
+import os
+import pathlib
+import sys
+import wave
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+import torchvision.io
+import torchvision.transforms.functional as TF
+
+
+SAMPLE_RATE = 16000
+FBANK_MEAN, FBANK_STD = -5.081, 4.4849  # READ's normalisation constants (KS50 and VGGSound)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+
+
+class DataError(Exception):
+    """A problem with the user's data; the message says what is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The one pre-processing path
+# ----------------------------------------------------------------------------------------------
+def wav_to_fbank(wav, mel_bins=128, target_length=1024):
+    """wav (T_samples,) 16 kHz -> normalised fbank (target_length, mel_bins), as READ / CAV-MAE."""
+    wav = wav - wav.mean()
+    fbank = torchaudio.compliance.kaldi.fbank(
+        wav.unsqueeze(0), htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False,
+        window_type="hanning", num_mel_bins=mel_bins, dither=0.0, frame_shift=10)  # (frames, F)
+    pad = target_length - fbank.shape[0]
+    fbank = F.pad(fbank, (0, 0, 0, pad)) if pad > 0 else fbank[:target_length]
+    return (fbank - FBANK_MEAN) / FBANK_STD
+
+
+def wavs_to_fbank(wavs, mel_bins, target_length):
+    """(N, T_samples) -> (N, target_length, mel_bins). kaldi.fbank takes one waveform at a time."""
+    return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs])
+
+
+def frames_to_input(frames, size):
+    """uint8 or [0, 1] float frames (N, 3, h, w) -> (N, 3, size, size) ImageNet-normalised float."""
+    x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
+    if x.shape[-2:] != (size, size):
+        x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, [size, size]).clamp(0, 1)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ----------------------------------------------------------------------------------------------
+# A dataset of tensors and its batches
+# ----------------------------------------------------------------------------------------------
+class AVTensors(torch.utils.data.Dataset):
+    """In-memory clips: {'audio': (N, T, F), 'video': (N, 3, H, W), 'label': (N,), ...} -> per-sample dicts."""
+
+    def __init__(self, fields):
+        n = len(fields["label"])
+        if n == 0:
+            raise DataError("the dataset is empty; check the data path or the split you asked for.")
+        assert all(len(v) == n for v in fields.values()), "all fields must have one row per clip"
+        self.fields = dict(fields)
+        self.fields.setdefault("index", torch.arange(n))
+
+    def __len__(self):
+        return len(self.fields["label"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.fields.items()}
+
+    def with_fields(self, **extra):
+        """A copy with fields added or replaced (e.g. has_audio / has_video, corrupted audio)."""
+        return AVTensors({**self.fields, **extra})
+
+
+def make_loader(dataset, batch_size, shuffle, seed=0, num_workers=0):
+    """A DataLoader whose shuffling depends only on `seed` (same seed, same stream)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+                                       num_workers=num_workers, drop_last=False)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Corruptions of Kinetics50-C / VGGSound-C (READ), batched in torch
+# ----------------------------------------------------------------------------------------------
+# Video: the 15 ImageNet-C corruptions (Hendrycks & Dietterich, ICLR 2019; hendrycks/robustness
+# `ImageNet-C/imagenet_c/imagenet_c/corruptions.py`, copied unchanged into READ's
+# `make_corruptions/make_c_video.py`), written again for batches of float frames (N, 3, H, W) in
+# [0, 1]. Audio: READ's `make_corruptions/make_c_audio.py` (Gaussian noise; five recorded noises
+# overlaid with a gain in dB). Randomness comes only from the `generator` argument.
+#
+# Dimension key: N frames or clips, C = 3 colour channels, H x W frame size, T audio samples.
+#
+# Written from the public facts, not copied: ImageMagick's MotionBlurImage (a one-sided line of
+# 2 ceil(r) + 1 taps with weights exp(-i^2 / 2 sigma^2), offsets rounded, edge pixels repeated; one
+# random angle per image as in ImageNet-C), Pillow's BOX resize, scipy's gaussian_filter and zoom,
+# the diamond-square plasma fractal, pydub's apply_gain / overlay.
+#
+# Deviations (each marked `# DEVIATION:` below):
+# - Spatial parameters (blur radii and sigmas, glass-blur max delta, motion-blur radius / sigma,
+#   snow motion blur, elastic alpha / sigma / affine) are defined at 224 x 224; `corrupt_video`
+#   scales them by H / 224 so a 64 x 64 frame gets a visually comparable corruption. Relative
+#   parameters (noise levels, zoom factors, pixelate factor, contrast, brightness, JPEG quality,
+#   blend weights, snow threshold) are not scaled. The fog map is the next power of two >= H
+#   (256 at 224, as ImageNet-C). A frost photograph is cropped at 224 px and resized to H.
+# - Two corruptions draw per-pixel noise whose look depends on the pixel grid, so at H != 224
+#   they are tied to the 224 grid: the snow layer (flakes are `zoom` pixels wide) is drawn,
+#   zoomed and thresholded at 224 x 224 and area-resized to H; the elastic displacement field
+#   is rescaled to the amplitude it has on the 224 grid (without this, 64 x 64 frames would be
+#   displaced by as many pixels as 224 x 224 ones, i.e. 3.5 times more).
+# - Everything stays float: no uint8 rounding between steps (ImageNet-C works on uint8 PIL images
+#   and READ saved every frame as JPEG quality 85; we do neither).
+# - defocus_blur: the disk kernel is anti-aliased by 8 x 8 supersampling (pixel coverage), so a
+#   sub-pixel radius (3 * 64 / 224 = 0.86 px) still blurs; ImageNet-C tests pixel centres only.
+# - glass_blur: ImageNet-C's sequential loop of whole-pixel swaps at integer offsets randint(-d, d)
+#   becomes `iterations` vectorised bilinear resamplings at random offsets U(-d, d) per axis
+#   (grid_sample), which also works for the fractional deltas of a scaled-down frame (sev. 1 at
+#   64 x 64: d = 0.29 px).
+# - snow: the snow layer is not quantised to 8 bits nor PNG round-tripped before its motion blur,
+#   and (at H != 224) is motion-blurred after the resize to H, with the scaled radius / sigma.
+# - frost: the ImageNet-C ice photographs are not shipped; `frost_stand_in` synthesises five
+#   procedural ice textures whose colour statistics match the photographs frost1-5 (measured:
+#   channel means R .57 G .66 B .70, grey std about .11) and crops one at random per frame, as
+#   ImageNet-C crops one of its photographs. With `frost_dir` the real photographs are used
+#   (ImageNet-C picks one of frost1..frost5; we pick any jpg/png in the directory).
+# - elastic_transform: the random affine warp (OpenCV warpAffine) and the elastic displacement
+#   (scipy map_coordinates) are merged into ONE bilinear grid_sample with reflect-101 borders.
+# - audio traffic / crowd / rain / thunder / wind: READ's recordings are not shipped;
+#   `noise_stand_in` synthesises each kind procedurally, normalised to RMS NOISE_RMS = 0.1
+#   (-20 dBFS, a typical level for a recording). With `noise_dir` the real `<kind>.wav` is used.
+
+VIDEO_CORRUPTIONS = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur',
+                     'motion_blur', 'zoom_blur', 'snow', 'frost', 'fog', 'brightness', 'contrast',
+                     'elastic_transform', 'pixelate', 'jpeg_compression')
+AUDIO_CORRUPTIONS = ('gaussian_noise', 'traffic', 'crowd', 'rain', 'thunder', 'wind')
+SEVERITIES = (1, 2, 3, 4, 5)
+
+# ImageNet-C tables, severity 1 .. 5, spatial values in pixels of a 224 x 224 frame.
+VIDEO_SEVERITY = {
+    'gaussian_noise': [.08, .12, .18, .26, .38],                       # sigma on [0, 1] pixels
+    'shot_noise': [60, 25, 12, 5, 3],                                  # photons per unit intensity
+    'impulse_noise': [.03, .06, .09, .17, .27],                        # salt-and-pepper amount
+    'defocus_blur': [(3, .1), (4, .5), (6, .5), (8, .5), (10, .5)],    # (disk radius, alias sigma)
+    'glass_blur': [(.7, 1, 2), (.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],  # (sigma, max delta, iterations)
+    'motion_blur': [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)],    # (radius, sigma)
+    # zoom factors; float rounding makes arange(1, 1.11, .01) end at 1.11 (12 factors), as in ImageNet-C
+    'zoom_blur': [[float(z) for z in np.arange(1, 1.11, .01)],
+                  [float(z) for z in np.arange(1, 1.16, .01)],
+                  [float(z) for z in np.arange(1, 1.21, .02)],
+                  [float(z) for z in np.arange(1, 1.26, .02)],
+                  [float(z) for z in np.arange(1, 1.31, .03)]],
+    # (mean, std, zoom, threshold, motion radius, motion sigma, image weight)
+    'snow': [(.1, .3, 3, .5, 10, 4, .8), (.2, .3, 2, .5, 12, 4, .7), (.55, .3, 4, .9, 12, 8, .7),
+             (.55, .3, 4.5, .85, 12, 8, .65), (.55, .3, 2.5, .85, 12, 12, .55)],
+    'frost': [(1, .4), (.8, .6), (.7, .7), (.65, .7), (.6, .75)],      # (image weight, frost weight)
+    'fog': [(1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)],       # (strength, wibble decay)
+    'brightness': [.1, .2, .3, .4, .5],                                # added to HSV value
+    'contrast': [.4, .3, .2, .1, .05],                                 # factor around the mean
+    # (alpha, sigma, affine); ImageNet-C's comment: "244 should have been 224, but ultimately
+    # nothing is incorrect"; kept as published
+    'elastic_transform': [(244 * 2, 244 * .7, 244 * .1), (244 * 2, 244 * .08, 244 * .2),
+                          (244 * .05, 244 * .01, 244 * .02), (244 * .07, 244 * .01, 244 * .02),
+                          (244 * .12, 244 * .01, 244 * .02)],
+    'pixelate': [.6, .5, .4, .3, .25],                                 # downscale factor (box)
+    'jpeg_compression': [25, 18, 15, 10, 7],                           # JPEG quality
+}
+
+# READ make_c_audio.py: sigma of added white noise (absolute, waveform in [-1, 1]); gain in dB of
+# the overlaid noise recording.
+AUDIO_SEVERITY = {
+    'gaussian_noise': [.08, .12, .18, .26, .38],
+    'traffic': [1, 2, 4, 6, 8],
+    'crowd': [1, 2, 4, 6, 8],
+    'rain': [1, 2, 4, 6, 8],
+    'thunder': [1, 2, 4, 6, 8],
+    'wind': [1, 2, 4, 6, 8],
+}
+NOISE_RMS = 0.1  # RMS of every synthetic noise stand-in (-20 dBFS)
+REFERENCE_SIZE = 224  # frame size at which ImageNet-C's spatial parameters are defined
+FROST_CROP = 224  # ImageNet-C crops a 224 x 224 patch out of a frost photograph
+
+
+def _generator(generator):
+    """The given torch.Generator, or a new CPU one seeded 0."""
+    return generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def _rand(shape, g, like):
+    """U(0, 1) drawn on CPU from g, moved to like's device / dtype."""
+    return torch.rand(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+
+
+def _randn(shape, g, like):
+    """N(0, 1) drawn on CPU from g, moved to like's device / dtype."""
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+
+
+def _check_name(name, severity, valid, kind):
+    """Raise ValueError naming the bad corruption name or severity and listing the valid ones."""
+    if name not in valid:
+        raise ValueError(f"Unknown {kind} corruption {name!r}; valid names are: {', '.join(valid)}.")
+    if isinstance(severity, bool) or severity not in SEVERITIES:
+        raise ValueError(f"Severity {severity!r} is out of range; valid severities are 1, 2, 3, 4, 5.")
+
+
+# --- helpers: border folding, Gaussian filter as a matrix, box resize, clipped zoom, line blur ---
+def _fold_index(i, n, mode):
+    """Fold integer positions into 0..n-1: 'nearest' repeats the edge (a a | a b c), 'reflect' is
+    scipy's (b a | a b c), 'mirror' is OpenCV's REFLECT_101 (c b | a b c)."""
+    if mode == 'nearest':
+        return i.clamp(0, n - 1)
+    if mode == 'reflect':
+        i = i % (2 * n)
+        return torch.where(i >= n, 2 * n - 1 - i, i)
+    if mode == 'mirror':
+        if n == 1:
+            return torch.zeros_like(i)
+        i = i % (2 * n - 2)
+        return torch.where(i >= n, 2 * n - 2 - i, i)
+    raise ValueError(f"Unknown border mode {mode!r}; valid modes are: nearest, reflect, mirror.")
+
+
+def _gaussian_matrix(n, sigma, truncate, mode):
+    """(n, n) float64 matrix M with M @ v = 1-D Gaussian filter of v (scipy gaussian_filter1d:
+    radius int(truncate * sigma + .5), weights exp(-k^2 / 2 sigma^2) normalised), border `mode`."""
+    radius = int(truncate * sigma + 0.5)
+    k = torch.arange(-radius, radius + 1)                                    # (K,)
+    w = torch.exp(-0.5 * (k.double() / sigma) ** 2)
+    w = w / w.sum()
+    rows = torch.arange(n)[:, None].expand(n, len(k))                        # (n, K)
+    cols = _fold_index(rows + k[None], n, mode)                              # (n, K)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.index_put_((rows, cols), w.expand(n, -1), accumulate=True)
+    return m
+
+
+def gaussian_blur(x, sigma, truncate=4.0, mode='nearest'):
+    """Separable Gaussian filter over the last two dims (skimage.filters.gaussian defaults:
+    truncate 4, border 'nearest'). x: (..., H, W) -> (..., H, W)."""
+    if sigma <= 0:
+        return x
+    mh = _gaussian_matrix(x.shape[-2], sigma, truncate, mode).to(x)        # (H, H)
+    mw = _gaussian_matrix(x.shape[-1], sigma, truncate, mode).to(x)        # (W, W)
+    return mh @ x @ mw.T
+
+
+def _box_resize_matrix(n_in, n_out):
+    """(n_out, n_in) float64 weights of Pillow's BOX resample: output pixel i averages the input
+    pixels j with -.5 < (j + .5 - (i + .5) * scale) / max(scale, 1) <= .5, scale = n_in / n_out."""
+    scale = n_in / n_out
+    center = (torch.arange(n_out, dtype=torch.float64)[:, None] + 0.5) * scale     # (n_out, 1)
+    t = (torch.arange(n_in, dtype=torch.float64)[None] + 0.5 - center) / max(scale, 1.0)
+    w = ((t > -0.5) & (t <= 0.5)).double()                                   # (n_out, n_in)
+    return w / w.sum(1, keepdim=True)
+
+
+def _zoom_and_trim(crop, zoom, h, w):
+    """Resize crop (N, C, ch, cw) by `zoom` (bilinear, corners aligned as scipy.ndimage.zoom
+    order 1, output round(ch * zoom)) and trim its centre to h x w."""
+    ch, cw = crop.shape[-2:]
+    zh, zw = round(ch * zoom), round(cw * zoom)
+    zoomed = F.interpolate(crop, size=(zh, zw), mode='bilinear', align_corners=True)
+    trim_h, trim_w = (zh - h) // 2, (zw - w) // 2
+    return zoomed[..., trim_h:trim_h + h, trim_w:trim_w + w]
+
+
+def clipped_zoom(x, zoom):
+    """ImageNet-C clipped_zoom: crop the centre ceil(H / zoom) x ceil(W / zoom), zoom it, trim the
+    centre back to H x W. x: (N, C, H, W)."""
+    h, w = x.shape[-2:]
+    ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return _zoom_and_trim(x[..., top:top + ch, left:left + cw], zoom, h, w)
+
+
+def _line_blur(x, radius, sigma, angles):
+    """ImageMagick MotionBlurImage: out(p) = sum_i k_i x(p + round(i (cos a, sin a))),
+    i = 0 .. 2 ceil(radius), k_i ~ exp(-i^2 / 2 sigma^2) normalised, edge pixels repeated.
+    x: (N, C, H, W); angles: (N,) degrees, one per image."""
+    n, c, h, w = x.shape
+    width = 2 * math.ceil(radius) + 1
+    i = torch.arange(width, dtype=torch.float64)                            # (width,)
+    k = torch.exp(-i ** 2 / (2 * max(sigma, 1e-6) ** 2))
+    k = (k / k.sum()).tolist()
+    a = torch.deg2rad(angles.detach().double().cpu())[:, None]              # (N, 1)
+    # ImageMagick rounds with ceil(v - .5)
+    dx = torch.ceil(i[None] * torch.cos(a) - 0.5).long().to(x.device)     # (N, width) column offsets
+    dy = torch.ceil(i[None] * torch.sin(a) - 0.5).long().to(x.device)     # (N, width) row offsets
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    flat = x.reshape(n, c, h * w)
+    out = torch.zeros_like(x)
+    for t in range(width):
+        r = (rows + dy[:, t].view(n, 1, 1)).clamp(0, h - 1)
+        q = (cols + dx[:, t].view(n, 1, 1)).clamp(0, w - 1)
+        idx = (r * w + q).view(n, 1, h * w).expand(n, c, h * w)              # (N, C, H*W)
+        out = out + k[t] * flat.gather(2, idx).view(n, c, h, w)
+    return out
+
+
+def _pow2_at_least(n):
+    """Smallest power of two >= n."""
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def plasma_fractal(n, mapsize=256, wibble_decay=3.0, generator=None):
+    """n diamond-square height maps (ImageNet-C plasma_fractal, batched): (n, mapsize, mapsize)
+    float64, each min-max normalised to [0, 1]. mapsize must be a power of two."""
+    if mapsize & (mapsize - 1):
+        raise ValueError(f"mapsize {mapsize} is not a power of two; use e.g. 64, 128 or 256.")
+    g = _generator(generator)
+    m = torch.zeros(n, mapsize, mapsize, dtype=torch.float64)               # (n, S, S)
+    step, wibble = mapsize, 100.0
+
+    def wibbled_mean(total):
+        # mean of the 4 neighbours + wibble * U(-wibble, wibble), as ImageNet-C
+        return total / 4 + wibble * (torch.rand(total.shape, generator=g, dtype=torch.float64) * 2 - 1) * wibble
+
+    while step >= 2:
+        half = step // 2
+        # squares: centre of each square = mean of its 4 corners
+        corners = m[:, 0::step, 0::step]
+        total = corners + corners.roll(-1, 1)
+        total = total + total.roll(-1, 2)
+        m[:, half::step, half::step] = wibbled_mean(total)
+        # diamonds: midpoints of the square edges = mean of their 4 diamond neighbours
+        centres = m[:, half::step, half::step]
+        corners = m[:, 0::step, 0::step]
+        total = centres + centres.roll(1, 1) + corners + corners.roll(-1, 2)
+        m[:, 0::step, half::step] = wibbled_mean(total)
+        total = centres + centres.roll(1, 2) + corners + corners.roll(-1, 1)
+        m[:, half::step, 0::step] = wibbled_mean(total)
+        step //= 2
+        wibble /= wibble_decay
+    m = m - m.amin((1, 2), keepdim=True)
+    return m / m.amax((1, 2), keepdim=True)
+
+
+# --- the 15 video corruptions, each with its raw parameter (pixels of the given frame) ---
+def gaussian_noise_video(x, sigma, generator=None):
+    """clip(x + N(0, sigma^2)). x: (N, C, H, W) in [0, 1]."""
+    g = _generator(generator)
+    return (x + sigma * _randn(x.shape, g, x)).clamp(0, 1)
+
+
+def shot_noise(x, photons, generator=None):
+    """clip(Poisson(x * photons) / photons)."""
+    g = _generator(generator)
+    counts = torch.poisson((x * photons).detach().double().cpu(), generator=g)
+    return (counts / photons).to(x).clamp(0, 1)
+
+
+def impulse_noise(x, amount, generator=None):
+    """Salt and pepper on each element: with probability amount / 2 -> 0, amount / 2 -> 1."""
+    g = _generator(generator)
+    u = _rand(x.shape, g, x)
+    return torch.where(u < amount / 2, torch.zeros_like(x), torch.where(u < amount, torch.ones_like(x), x))
+
+
+def disk_kernel(radius, alias_blur):
+    """ImageNet-C disk: normalised disk of `radius` px, then a Gaussian of sigma `alias_blur` over
+    3 x 3 (5 x 5 if radius > 8) taps. Returns (K, K) float64."""
+    ksize = 3 if radius <= 8 else 5
+    half = math.ceil(radius) + ksize // 2
+    ss = 8
+    # DEVIATION: ImageNet-C keeps pixels whose centre is inside the disk; we use the covered
+    # fraction of each pixel (8 x 8 supersampling), so sub-pixel radii at 64 x 64 still blur.
+    sub = (torch.arange(ss, dtype=torch.float64) + 0.5) / ss - 0.5
+    fine = (torch.arange(-half, half + 1, dtype=torch.float64)[:, None] + sub[None]).flatten()  # (K*ss,)
+    inside = (fine[:, None] ** 2 + fine[None] ** 2 <= radius ** 2).double()                   # (K*ss, K*ss)
+    size = 2 * half + 1
+    disk = inside.view(size, ss, size, ss).mean((1, 3))                                        # (K, K)
+    if disk.sum() == 0:
+        disk[half, half] = 1.0
+    disk = disk / disk.sum()
+    t = torch.arange(-(ksize // 2), ksize // 2 + 1, dtype=torch.float64)
+    g1 = torch.exp(-t ** 2 / (2 * max(alias_blur, 1e-6) ** 2))
+    g1 = g1 / g1.sum()
+    disk = F.conv2d(disk[None, None], (g1[:, None] * g1[None])[None, None], padding=ksize // 2)[0, 0]
+    return disk / disk.sum()
+
+
+def _filter2d(x, kernel, mode='mirror'):
+    """Depthwise 2-D correlation of every channel with one (K, K) kernel, border `mode`
+    (OpenCV filter2D default = REFLECT_101 = 'mirror'). x: (N, C, H, W)."""
+    n, c, h, w = x.shape
+    half = kernel.shape[-1] // 2
+    ih = _fold_index(torch.arange(-half, h + half), h, mode).to(x.device)
+    iw = _fold_index(torch.arange(-half, w + half), w, mode).to(x.device)
+    padded = x[:, :, ih][:, :, :, iw]                                        # (N, C, H+2h, W+2h)
+    weight = kernel.to(x)[None, None].expand(c, 1, *kernel.shape)           # (C, 1, K, K)
+    return F.conv2d(padded, weight, groups=c)
+
+
+def defocus_blur(x, radius, alias_blur):
+    """Depthwise convolution with the anti-aliased disk kernel."""
+    return _filter2d(x, disk_kernel(radius, alias_blur)).clamp(0, 1)
+
+
+def glass_blur(x, sigma, max_delta, iterations, generator=None):
+    """Gaussian blur, `iterations` rounds of random local pixel displacement within max_delta, Gaussian blur."""
+    g = _generator(generator)
+    n, c, h, w = x.shape
+    x = gaussian_blur(x, sigma)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing='ij')
+    for _ in range(iterations):
+        # DEVIATION: ImageNet-C swaps whole pixels at integer offsets randint(-d, d) in a sequential
+        # loop; we resample every pixel (bilinear) at a random offset U(-d, d) per axis in one
+        # grid_sample, which also works for the fractional deltas of a scaled-down frame.
+        dy = (torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1) * max_delta   # (N, H, W)
+        dx = (torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1) * max_delta
+        grid = torch.stack([2 * (xx + dx) / max(w - 1, 1) - 1, 2 * (yy + dy) / max(h - 1, 1) - 1], -1)  # (N, H, W, 2)
+        x = F.grid_sample(x, grid.to(x), mode='bilinear', padding_mode='border', align_corners=True)
+    return gaussian_blur(x, sigma).clamp(0, 1)
+
+
+def motion_blur(x, radius, sigma, generator=None):
+    """ImageMagick motion blur at a random angle U(-45, 45) degrees per image."""
+    g = _generator(generator)
+    angles = torch.rand(x.shape[0], generator=g, dtype=torch.float64) * 90 - 45   # (N,)
+    return _line_blur(x, radius, sigma, angles).clamp(0, 1)
+
+
+def zoom_blur(x, zooms):
+    """Mean of the image and its clipped zooms by each factor in `zooms`."""
+    out = x.clone()
+    for z in zooms:
+        out = out + clipped_zoom(x, z)
+    return (out / (len(zooms) + 1)).clamp(0, 1)
+
+
+def snow(x, mean, std, zoom, threshold, radius, sigma, image_weight, generator=None, layer_size=None):
+    """ImageNet-C snow: a zoomed, thresholded N(mean, std) layer, motion-blurred at U(-135, -45)
+    degrees, added twice (as is and turned 180 degrees) to the image blended towards bright grey.
+    layer_size: draw the layer at layer_size x layer_size and area-resize it to H x W (None: at H x W)."""
+    g = _generator(generator)
+    n, c, h, w = x.shape
+    lh, lw = (h, w) if layer_size is None else (layer_size, round(w * layer_size / h))
+    # DEVIATION (with layer_size): a flake is `zoom` pixels wide, so the flake size is tied to the
+    # pixel grid; we draw, zoom and threshold the layer at 224 x 224 where the table is defined and
+    # area-resize it to H x W before the (scaled) motion blur; ImageNet-C blurs at 224 x 224.
+    # clipped_zoom keeps only the centre ceil(lh / zoom) of the noise: draw just that part
+    ch, cw = math.ceil(lh / zoom), math.ceil(lw / zoom)
+    layer = mean + std * _randn((n, 1, ch, cw), g, x)                       # (N, 1, ch, cw)
+    layer = _zoom_and_trim(layer, zoom, lh, lw)                              # (N, 1, lh, lw)
+    layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).clamp(0, 1)
+    if (lh, lw) != (h, w):
+        layer = F.interpolate(layer, size=(h, w), mode='area')              # (N, 1, H, W)
+    angles = torch.rand(n, generator=g, dtype=torch.float64) * 90 - 135
+    layer = _line_blur(layer, radius, sigma, angles)
+    grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]       # (N, 1, H, W), OpenCV RGB2GRAY
+    x = image_weight * x + (1 - image_weight) * torch.maximum(x, grey * 1.5 + 0.5)
+    return (x + layer + layer.flip(-2, -1)).clamp(0, 1)
+
+
+def _ice_texture(n, size, scale, generator):
+    """n procedural ice textures (n, 3, size, size) float64: an uneven sheet (plasma fractal),
+    feathery crystals (needles of 0.03 / 0.07 * scale px in 6 directions, seeded where the sheet
+    is thick) and fine grain, scaled to the colour statistics of ImageNet-C's frost1-5 photographs
+    (channel means R .57, G .66, B .70; grey std .11, measured)."""
+    g = generator
+    sheet = plasma_fractal(n, _pow2_at_least(size), 1.8, g)[:, None, :size, :size]          # (n, 1, S, S)
+    crystals = torch.zeros(n, 1, size, size, dtype=torch.float64)
+    base = torch.rand(n, 1, generator=g, dtype=torch.float64) * 60                           # (n, 1) degrees
+    for j in range(6):
+        length = max(1.5, scale * (0.03 if j % 2 else 0.07))                # needle length, px
+        seeds = torch.rand(n, 1, size, size, generator=g, dtype=torch.float64) < 0.04 * sheet ** 2
+        seeds = seeds.double() * (0.5 + 0.5 * torch.rand(n, 1, size, size, generator=g, dtype=torch.float64))
+        seeds[..., [0, -1], :] = 0
+        seeds[..., :, [0, -1]] = 0  # the line blur repeats edge pixels: keep seeds off the edge
+        angles = base[:, 0] + 60 * j + 15 * torch.randn(n, generator=g, dtype=torch.float64)
+        taps = 2 * math.ceil(length) + 1
+        crystals = torch.maximum(crystals, _line_blur(seeds, length, length, angles) * taps / 2)
+    grain = torch.randn(n, 1, size, size, generator=g, dtype=torch.float64)
+    texture = 0.8 * sheet + crystals.clamp(0, 1) + 0.04 * grain
+    mu = texture.mean((2, 3), keepdim=True)
+    sd = texture.std((2, 3), keepdim=True)
+    texture = ((texture - mu) / sd * 0.11 + 0.70).clamp(0, 1)             # blue-channel statistics
+    tint = torch.tensor([.57 / .70, .66 / .70, 1.0], dtype=torch.float64).view(1, 3, 1, 1)
+    return texture * tint                                                  # (n, 3, S, S)
+
+
+def frost_stand_in(n, size, generator=None):
+    """Stand-in for ImageNet-C's frost photographs, built the same way: five procedural ice
+    textures of 2 size x 2 size px (`_ice_texture`), one random texture and crop per frame.
+    Returns (n, 3, size, size) float64 in [0, 1]."""
+    g = _generator(generator)
+    bank = _ice_texture(5, 2 * size, size, g)                              # (5, 3, 2S, 2S)
+    which = torch.randint(5, (n,), generator=g)                            # (n,)
+    top = torch.randint(size + 1, (n,), generator=g)
+    left = torch.randint(size + 1, (n,), generator=g)
+    rows = (top[:, None] + torch.arange(size))[:, None, :, None]           # (n, 1, S, 1)
+    cols = (left[:, None] + torch.arange(size))[:, None, None, :]          # (n, 1, 1, S)
+    return bank[which[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+
+
+def frost_from_dir(frost_dir, n, size, generator=None):
+    """n random FROST_CROP x FROST_CROP crops of the jpg/png photographs in frost_dir, resized to
+    size x size. (n, 3, size, size) float64 in [0, 1]."""
+    g = _generator(generator)
+    folder = pathlib.Path(frost_dir)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png')) if folder.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"No .jpg or .png frost photographs in {frost_dir}; "
+                                "put ImageNet-C's frost1.png .. frost6.jpg there or leave frost_dir unset.")
+    photos = [torchvision.io.decode_image(torchvision.io.read_file(str(p)), mode=torchvision.io.ImageReadMode.RGB)
+              for p in paths]
+    crop = min([FROST_CROP] + [min(p.shape[-2:]) for p in photos])
+    patches = []
+    for _ in range(n):  # one random photograph and crop per frame
+        photo = photos[int(torch.randint(len(photos), (1,), generator=g))]
+        top = int(torch.randint(photo.shape[1] - crop + 1, (1,), generator=g))
+        left = int(torch.randint(photo.shape[2] - crop + 1, (1,), generator=g))
+        patches.append(photo[:, top:top + crop, left:left + crop])
+    patches = torch.stack(patches).double() / 255                           # (n, 3, crop, crop)
+    if crop != size:
+        patches = F.interpolate(patches, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+    return patches.clamp(0, 1)
+
+
+def frost(x, image_weight, frost_weight, generator=None, frost_dir=None):
+    """clip(image_weight * x + frost_weight * ice), ice from frost_dir or frost_stand_in."""
+    n, _, h, w = x.shape
+    if frost_dir is not None:
+        ice = frost_from_dir(frost_dir, n, max(h, w), generator)
+    else:
+        # DEVIATION: ImageNet-C's ice photographs are not shipped; a procedural stand-in.
+        ice = frost_stand_in(n, max(h, w), generator)
+    ice = ice[..., :h, :w].to(x)                                            # (N, 3, H, W)
+    return (image_weight * x + frost_weight * ice).clamp(0, 1)
+
+
+def fog(x, strength, wibble_decay, generator=None):
+    """Add strength * plasma fractal, rescale by max / (max + strength) per image."""
+    n, _, h, w = x.shape
+    # DEVIATION: ImageNet-C uses a 256 map cropped to 224; we use the next power of two >= H, W.
+    fractal = plasma_fractal(n, _pow2_at_least(max(h, w)), wibble_decay, generator)[:, None, :h, :w].to(x)
+    max_val = x.amax((1, 2, 3), keepdim=True)                               # (N, 1, 1, 1)
+    return ((x + strength * fractal) * max_val / (max_val + strength)).clamp(0, 1)
+
+
+def brightness(x, delta):
+    """Add delta to the HSV value V = max(r, g, b), hue and saturation fixed: rgb * min(V + delta, 1) / V;
+    a black pixel (V = 0) becomes grey min(delta, 1)."""
+    v = x.amax(1, keepdim=True)                                             # (N, 1, H, W)
+    v_new = (v + delta).clamp(0, 1)
+    return torch.where(v > 0, x * (v_new / v.clamp_min(1e-12)), v_new.expand_as(x)).clamp(0, 1)
+
+
+def contrast(x, factor):
+    """(x - mean) * factor + mean, mean per image and channel."""
+    means = x.mean((2, 3), keepdim=True)                                    # (N, C, 1, 1)
+    return ((x - means) * factor + means).clamp(0, 1)
+
+
+def _smoothing_gain(n, sigma, truncate, mode):
+    """Mean over positions of sum_j M_ij^2 for the (n, n) Gaussian filter matrix M: the variance
+    a 1-D Gaussian filter keeps of unit-variance white noise."""
+    return _gaussian_matrix(n, sigma, truncate, mode).pow(2).sum(1).mean().item()
+
+
+def elastic_transform(x, alpha, sigma, affine, generator=None, field_size=None):
+    """Random affine warp (three points moved by U(-affine, affine)) followed by an elastic
+    displacement alpha * Gaussian_sigma(U(-1, 1)), sampled bilinearly in one grid_sample.
+    field_size: give the displacement field the amplitude it has when drawn on a
+    field_size x field_size grid (None: this frame's grid)."""
+    g = _generator(generator)
+    n, c, h, w = x.shape
+    # affine: points (x, y) around the centre, moved at random; A maps pts1 -> pts2 (OpenCV getAffineTransform)
+    cy, cx, sq = float(h // 2), float(w // 2), min(h, w) // 3
+    pts1 = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)  # (3, 2)
+    pts2 = pts1 + (torch.rand(n, 3, 2, generator=g, dtype=torch.float64) * 2 - 1) * affine               # (N, 3, 2)
+    p1 = torch.cat([pts1, torch.ones(3, 1, dtype=torch.float64)], 1)                                    # (3, 3)
+    a = torch.linalg.solve(p1, pts2).transpose(1, 2)                                                   # (N, 2, 3)
+    a = torch.cat([a, torch.tensor([0., 0., 1.], dtype=torch.float64).expand(n, 1, 3)], 1)             # (N, 3, 3)
+    a_inv = torch.linalg.inv(a)                                                                        # warpAffine: dst(p) = src(A^-1 p)
+    # elastic: smooth random displacement field, scipy gaussian_filter(mode='reflect', truncate=3)
+    dx = gaussian_blur(torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
+    dy = gaussian_blur(torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
+    if field_size is not None and sigma > 0:
+        # DEVIATION: smoothed per-pixel noise has an amplitude that depends on the pixel grid
+        # (about 1 / sigma_px), so scaling alpha and sigma alone would leave the displacement the same
+        # number of pixels at 64 as at 224. We rescale the field to the standard deviation it has on
+        # the 224 x 224 grid where the table is defined (sigma in that grid's pixels).
+        k = field_size / h
+        fw = round(w * k)
+        gain = (_smoothing_gain(field_size, sigma * k, 3.0, 'reflect') * _smoothing_gain(fw, sigma * k, 3.0, 'reflect')
+                / (_smoothing_gain(h, sigma, 3.0, 'reflect') * _smoothing_gain(w, sigma, 3.0, 'reflect'))) ** 0.5
+        dx, dy = dx * gain, dy * gain
+    # DEVIATION: out(p) = src(A^-1 (p + d(p))) in one bilinear resampling (ImageNet-C resamples twice).
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing='ij')
+    px, py = xx + dx, yy + dy                                                # (N, H, W)
+    sx = a_inv[:, 0, 0, None, None] * px + a_inv[:, 0, 1, None, None] * py + a_inv[:, 0, 2, None, None]
+    sy = a_inv[:, 1, 0, None, None] * px + a_inv[:, 1, 1, None, None] * py + a_inv[:, 1, 2, None, None]
+    grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1)                    # (N, H, W, 2)
+    out = F.grid_sample(x, grid.to(x), mode='bilinear', padding_mode='reflection', align_corners=True)
+    return out.clamp(0, 1)
+
+
+def pixelate(x, factor):
+    """Pillow BOX resize down to int(H * factor) and back up to H."""
+    h, w = x.shape[-2:]
+    sh, sw = int(h * factor), int(w * factor)
+    down_h, down_w = _box_resize_matrix(h, sh).to(x), _box_resize_matrix(w, sw).to(x)      # (sh, H), (sw, W)
+    up_h, up_w = _box_resize_matrix(sh, h).to(x), _box_resize_matrix(sw, w).to(x)          # (H, sh), (W, sw)
+    small = down_h @ x @ down_w.T                                           # (N, C, sh, sw)
+    return (up_h @ small @ up_w.T).clamp(0, 1)
+
+
+def jpeg_compression(x, quality):
+    """Encode / decode every frame as JPEG at `quality` (torchvision libjpeg, uint8)."""
+    u8 = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu()    # (N, C, H, W)
+    encoded = torchvision.io.encode_jpeg(list(u8), quality=int(quality))
+    decoded = torchvision.io.decode_jpeg(encoded)                           # codec works per image
+    return (torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255).clamp(0, 1)
+
+
+def corrupt_video(frames, name, severity, generator=None, frost_dir=None):
+    """Apply video corruption `name` at `severity` (1..5) to frames (N, 3, H, W) in [0, 1]."""
+    _check_name(name, severity, VIDEO_CORRUPTIONS, 'video')
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be a tensor (N, 3, H, W) in [0, 1], got shape {tuple(frames.shape)}.")
+    g = _generator(generator)
+    p = VIDEO_SEVERITY[name][int(severity) - 1]
+    # DEVIATION: spatial parameters are defined at 224 x 224; scale them to this frame size.
+    # DEVIATION: float in, float out: no uint8 rounding between steps and no JPEG-85 save.
+    s = frames.shape[-2] / REFERENCE_SIZE
+    if name == 'gaussian_noise':
+        return gaussian_noise_video(frames, p, g)
+    if name == 'shot_noise':
+        return shot_noise(frames, p, g)
+    if name == 'impulse_noise':
+        return impulse_noise(frames, p, g)
+    if name == 'defocus_blur':
+        return defocus_blur(frames, p[0] * s, p[1])  # alias blur is a pixel-grid anti-aliasing width: unscaled
+    if name == 'glass_blur':
+        return glass_blur(frames, p[0] * s, p[1] * s, p[2], g)
+    if name == 'motion_blur':
+        return motion_blur(frames, p[0] * s, p[1] * s, g)
+    if name == 'zoom_blur':
+        return zoom_blur(frames, p)
+    if name == 'snow':
+        return snow(frames, p[0], p[1], p[2], p[3], p[4] * s, p[5] * s, p[6], g, REFERENCE_SIZE)
+    if name == 'frost':
+        return frost(frames, p[0], p[1], g, frost_dir)
+    if name == 'fog':
+        return fog(frames, p[0], p[1], g)
+    if name == 'brightness':
+        return brightness(frames, p)
+    if name == 'contrast':
+        return contrast(frames, p)
+    if name == 'elastic_transform':
+        return elastic_transform(frames, p[0] * s, p[1] * s, p[2] * s, g, REFERENCE_SIZE)
+    if name == 'pixelate':
+        return pixelate(frames, p)
+    return jpeg_compression(frames, p)
+
+
+# --- audio ---
+def read_wav(path):
+    """Read a PCM WAV (8/16/24/32-bit) with the standard-library wave module: ((T,) float32 mono
+    in [-1, 1], sample_rate). Stereo is averaged to mono."""
+    try:
+        with wave.open(str(path), 'rb') as f:
+            channels, width, rate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
+            raw = f.readframes(frames)
+    except wave.Error as err:
+        raise ValueError(f"{path} is not a PCM WAV file the wave module can read ({err}); convert it to 16-bit PCM.")
+    if width == 1:
+        data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 2:
+        data = np.frombuffer(raw, '<i2').astype(np.float32) / 32768
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        data = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / (1 << 23)
+    elif width == 4:
+        data = (np.frombuffer(raw, '<i4').astype(np.float64) / 2 ** 31).astype(np.float32)
+    else:
+        raise ValueError(f"{path} has {8 * width}-bit samples; only 8, 16, 24 and 32-bit PCM WAV files are supported.")
+    data = data.reshape(-1, channels).mean(1)                               # (T,)
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), rate
+
+
+def write_wav(path, waveform, sample_rate=16000):
+    """Write (T,) float in [-1, 1] as 16-bit PCM mono (x * 32768, rounded, clipped); returns path."""
+    pcm = torch.round(waveform.detach().double().cpu().flatten() * 32768).clamp(-32768, 32767)
+    with wave.open(str(path), 'wb') as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(sample_rate))
+        f.writeframes(pcm.numpy().astype('<i2').tobytes())
+    return path
+
+
+def gaussian_noise_audio(wavs, sigma, generator=None):
+    """wavs + N(0, sigma^2) per sample (absolute sigma, READ; no clipping). wavs: (N, T)."""
+    g = _generator(generator)
+    return wavs + sigma * _randn(wavs.shape, g, wavs)
+
+
+def fit_noise_length(noise, num_samples):
+    """READ: cut the recording to the clip length, or repeat it whole and cut. (L,) -> (num_samples,)."""
+    if noise.shape[-1] >= num_samples:
+        return noise[..., :num_samples]
+    repeats = num_samples // noise.shape[-1] + 1
+    return noise.repeat(repeats)[:num_samples]
+
+
+def audio_noise_overlay(wavs, noise, gain_db):
+    """READ (pydub): noise cut / tiled to T, times 10 ** (gain_db / 20) (apply_gain), added to every
+    clip (overlay); pydub's 16-bit arithmetic saturates, so both steps clip to [-1, 1].
+    wavs: (N, T); noise: (L,) -> (N, T)."""
+    noise = fit_noise_length(noise, wavs.shape[-1]).to(wavs)                 # (T,)
+    gain = 10 ** (gain_db / 20)
+    return (wavs + (gain * noise).clamp(-1, 1)[None]).clamp(-1, 1)
+
+
+def _spectral_shape(white, sample_rate, response):
+    """Filter white noise (..., T) by a zero-phase magnitude response(freqs in Hz) via the FFT."""
+    t = white.shape[-1]
+    freqs = torch.fft.rfftfreq(t, 1 / sample_rate, dtype=torch.float64)
+    return torch.fft.irfft(torch.fft.rfft(white) * response(freqs), n=t)
+
+
+def _slow_curve(shape, num_samples, rate_hz, sample_rate, g):
+    """Random values in [0, 1] at rate_hz, linearly interpolated to num_samples. (*shape, T)."""
+    points = max(2, math.ceil(num_samples / sample_rate * rate_hz) + 2)
+    knots = torch.rand(*shape, points, generator=g, dtype=torch.float64)
+    flat = knots.reshape(-1, 1, points)
+    curve = F.interpolate(flat, size=num_samples, mode='linear', align_corners=True)
+    return curve.reshape(*shape, num_samples)
+
+
+def _unit_rms(x):
+    """x / RMS(x) along the last dim."""
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def noise_stand_in(kind, num_samples, generator=None, sample_rate=16000):
+    """Synthetic stand-in for READ's noise recording `kind` (traffic, crowd, rain, thunder, wind):
+    (num_samples,) float32 with RMS NOISE_RMS, clipped to [-1, 1]."""
+    if kind not in AUDIO_CORRUPTIONS[1:]:
+        raise ValueError(f"Unknown noise kind {kind!r}; valid kinds are: {', '.join(AUDIO_CORRUPTIONS[1:])}.")
+    g = _generator(generator)
+    t_n, sr = num_samples, sample_rate
+    t = torch.arange(t_n, dtype=torch.float64) / sr                         # (T,) seconds
+    white = torch.randn(t_n, generator=g, dtype=torch.float64)
+    if kind == 'traffic':
+        # low-passed reddish road rumble / tyre noise + engine harmonics on a drifting 45-70 Hz
+        # fundamental, under slow passing-car swells
+        rumble = _spectral_shape(white, sr, lambda f: 1 / (1 + f / 80) / (1 + (f / 1500) ** 4))
+        f0 = 45 + 25 * _slow_curve((), t_n, 0.3, sr, g)                     # (T,) Hz
+        phase = 2 * math.pi * torch.cumsum(f0, 0) / sr
+        k = torch.arange(1, 7, dtype=torch.float64)[:, None]                # harmonics 1..6
+        offsets = torch.rand(6, 1, generator=g, dtype=torch.float64) * 2 * math.pi
+        engine = (torch.sin(k * phase[None] + offsets) / k).sum(0)
+        swell = 0.4 + 0.6 * _slow_curve((), t_n, 0.4, sr, g) ** 2
+        out = (_unit_rms(rumble) + 0.6 * _unit_rms(engine)) * swell
+    elif kind == 'crowd':
+        # babble: 16 voices, each 3 formant-like tones buzzing at its pitch, syllable-rate envelopes
+        v = 16
+        pitch = 100 + 150 * torch.rand(v, 1, generator=g, dtype=torch.float64)                  # (V, 1) Hz
+        lo = torch.tensor([300., 900., 2400.], dtype=torch.float64).view(1, 3, 1)
+        span = torch.tensor([600., 1400., 900.], dtype=torch.float64).view(1, 3, 1)
+        formants = lo + span * _slow_curve((v, 3), t_n, 4.0, sr, g)                              # (V, 3, T) Hz
+        phase = 2 * math.pi * torch.cumsum(formants, -1) / sr
+        tones = (torch.sin(phase) * torch.tensor([1., .5, .25], dtype=torch.float64).view(1, 3, 1)).sum(1)  # (V, T)
+        buzz = 0.5 + 0.5 * torch.cos(2 * math.pi * pitch * t[None])                              # (V, T)
+        rate = 3 + 3 * torch.rand(v, 1, generator=g, dtype=torch.float64)                        # syllables / s
+        start = torch.rand(v, 1, generator=g, dtype=torch.float64) * 2 * math.pi
+        syllables = torch.sin(math.pi * rate * t[None] + start).abs() ** 2                       # (V, T)
+        loud = 0.3 + 0.7 * torch.rand(v, 1, generator=g, dtype=torch.float64)
+        murmur = _spectral_shape(white, sr, lambda f: ((f > 100) & (f < 3000)).double())
+        out = _unit_rms((tones * buzz * syllables * loud).sum(0)) + 0.3 * _unit_rms(murmur)
+    elif kind == 'rain':
+        # broadband hiss + random crackle impulses (about 300 / s, 1.5 ms decaying 3 kHz ring)
+        hiss = _spectral_shape(white, sr, lambda f: (f / (f + 300)).sqrt())
+        drops = (torch.rand(t_n, generator=g, dtype=torch.float64) < 300 / sr).double()
+        drops = drops * (0.2 + 0.8 * torch.rand(t_n, generator=g, dtype=torch.float64))
+        drops = drops * torch.sign(torch.randn(t_n, generator=g, dtype=torch.float64))
+        tk = torch.arange(int(0.006 * sr), dtype=torch.float64) / sr
+        ring = torch.exp(-tk / 0.0015) * torch.sin(2 * math.pi * 3000 * tk)
+        crackle = F.conv1d(drops.view(1, 1, -1), ring.flip(0).view(1, 1, -1), padding=len(ring) - 1)[0, 0, :t_n]
+        out = _unit_rms(hiss) + 0.8 * _unit_rms(crackle)
+    elif kind == 'thunder':
+        # low-passed rumble (< 250 Hz) under a few decaying claps, one per ~4 s, some before the clip
+        rumble = _spectral_shape(white, sr, lambda f: 1 / (1 + (f / 250) ** 4) / (1 + f / 60))
+        events = max(1, round(t_n / sr / 4))
+        when = torch.rand(events, 1, generator=g, dtype=torch.float64) * (t_n / sr + 1) - 1     # (E, 1) s
+        decay = 0.8 + 1.7 * torch.rand(events, 1, generator=g, dtype=torch.float64)              # s
+        size = 0.5 + 0.5 * torch.rand(events, 1, generator=g, dtype=torch.float64)
+        age = (t[None] - when).clamp_min(0)                                                      # (E, T)
+        claps = (size * (1 - torch.exp(-age / 0.05)) * torch.exp(-age / decay) * (age > 0)).sum(0)
+        out = _unit_rms(rumble) * (0.15 + claps)
+    else:  # wind
+        # band-passed noise around 400 Hz (one octave wide) + low buffeting, slow gusts
+        band = _spectral_shape(white, sr, lambda f: torch.exp(-0.5 * (torch.log2(f.clamp_min(1) / 400)) ** 2))
+        buffet = _spectral_shape(torch.randn(t_n, generator=g, dtype=torch.float64), sr,
+                                 lambda f: 1 / (1 + (f / 60) ** 4))
+        gusts = 0.25 + 0.75 * _slow_curve((), t_n, 0.5, sr, g)
+        out = (_unit_rms(band) + 0.5 * _unit_rms(buffet)) * gusts
+    return (NOISE_RMS * _unit_rms(out)).clamp(-1, 1).float()
+
+
+def noise_recording(kind, num_samples, generator=None, noise_dir=None, sample_rate=16000):
+    """The noise `kind`: `<noise_dir>/<kind>.wav` (resampled to sample_rate) if noise_dir is given,
+    else the synthetic stand-in of num_samples. Returns (L,) float32."""
+    if noise_dir is None:
+        return noise_stand_in(kind, num_samples, generator, sample_rate)
+    path = os.path.join(noise_dir, kind + '.wav')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {kind} noise recording at {path}; put READ's {kind}.wav there "
+                                "or leave noise_dir unset to use the synthetic stand-in.")
+    noise, rate = read_wav(path)
+    if rate != sample_rate:
+        noise = torchaudio.functional.resample(noise, rate, sample_rate)
+    return noise
+
+
+def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_rate=16000):
+    """Apply audio corruption `name` at `severity` (1..5) to waveforms (N, T) at sample_rate."""
+    _check_name(name, severity, AUDIO_CORRUPTIONS, 'audio')
+    if wavs.dim() != 2:
+        raise ValueError(f"wavs must be a tensor (N, T) of waveforms, got shape {tuple(wavs.shape)}.")
+    g = _generator(generator)
+    p = AUDIO_SEVERITY[name][int(severity) - 1]
+    if name == 'gaussian_noise':
+        return gaussian_noise_audio(wavs, p, g)
+    # one recording for the whole set, always from its start (READ cuts rain_sound[:len(audio)]);
+    # DEVIATION: without noise_dir, a synthetic stand-in of READ's recording (noise_stand_in)
+    noise = noise_recording(name, wavs.shape[-1], g, noise_dir, sample_rate)
+    return audio_noise_overlay(wavs, noise, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded benchmark
+# ----------------------------------------------------------------------------------------------
+EMBEDDED = dict(
+    num_classes=10, n_train=1500, n_val=300, n_test=640,
+    clip_samples=20800,  # 1.3 s at 16 kHz -> exactly 128 fbank frames
+    frame_size=64,
+    f_low=250.0, f_step_oct=0.32,  # class c's pitch: 250 Hz * 2^(0.32 c)
+    jitter_audio=0.55,  # per-clip jitter of the pitch, in units of the spacing between neighbouring classes
+    jitter_video=0.40,  # per-clip jitter of the stripe orientation, likewise
+    order=3,  # class c's stripe orientation is number (3 c mod 10) of 10: pitch neighbours are never orientation neighbours
+)
+EMBEDDED_VERSION = 2  # bump when the generator changes, so old caches are not reused
+
+
+def _hsv_to_rgb(h, s, v):
+    """h, s, v tensors in [0, 1] of equal shape -> rgb (..., 3) in [0, 1]."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=-1)
+    return v.unsqueeze(-1) - (v * s).unsqueeze(-1) * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def synth_audio(labels, g, cfg=EMBEDDED):
+    """A harmonic tone whose pitch encodes the class, amplitude-modulated, over soft pink-ish noise.
+
+    labels (N,) -> waveforms (N, clip_samples) at 16 kHz.
+    """
+    N, T = len(labels), cfg["clip_samples"]
+    t = torch.arange(T) / SAMPLE_RATE  # (T,)
+    octave = cfg["f_step_oct"] * (labels.float() + cfg["jitter_audio"] * torch.randn(N, generator=g))
+    f0 = cfg["f_low"] * 2.0 ** octave  # (N,) Hz
+    phase = 2 * math.pi * torch.rand(N, 3, generator=g)
+    tone = sum((1.0 / h) * torch.sin(2 * math.pi * h * f0[:, None] * t + phase[:, h - 1:h]) for h in (1, 2, 3))
+    rate, depth = 2 + 4 * torch.rand(N, 1, generator=g), 0.5 * torch.rand(N, 1, generator=g)
+    tone = tone * (1 - depth * (0.5 + 0.5 * torch.sin(2 * math.pi * rate * t)))  # (N, T)
+    tone = tone / tone.pow(2).mean(1, keepdim=True).sqrt() * (0.03 + 0.07 * torch.rand(N, 1, generator=g))
+    spectrum = torch.fft.rfft(torch.randn(N, T, generator=g), dim=1)  # white noise, (N, T/2 + 1)
+    pink = torch.fft.irfft(spectrum / torch.arange(1, spectrum.shape[1] + 1).sqrt(), n=T, dim=1)  # 1/f power
+    pink = pink / pink.pow(2).mean(1, keepdim=True).sqrt() * (0.005 + 0.015 * torch.rand(N, 1, generator=g))
+    return (tone + pink).clamp(-1, 1)
+
+
+def synth_frames(labels, g, cfg=EMBEDDED):
+    """A disk of random colour whose stripe ORIENTATION encodes the class, on a smooth grey-ish background.
+
+    labels (N,) -> uint8 frames (N, 3, S, S). The colour, position, size and stripe period are nuisances.
+    """
+    N, S, K = len(labels), cfg["frame_size"], cfg["num_classes"]
+    bg = F.interpolate(0.3 + 0.4 * torch.rand(N, 3, 4, 4, generator=g), size=(S, S), mode="bicubic",
+                       align_corners=False)  # (N, 3, S, S)
+    bg = 0.7 * bg + 0.3 * bg.mean(1, keepdim=True)  # low saturation
+    colour = _hsv_to_rgb(torch.rand(N, generator=g), 0.5 + 0.4 * torch.rand(N, generator=g),
+                         0.7 + 0.3 * torch.rand(N, generator=g))  # (N, 3)
+    # class c's orientation: position (3 c mod 10) of 10 evenly spaced angles in [0, pi), plus jitter
+    position = ((cfg["order"] * labels) % K).float() + cfg["jitter_video"] * torch.randn(N, generator=g)
+    angle = (math.pi * position / K)[:, None, None]  # (N, 1, 1)
+    yy, xx = torch.meshgrid(torch.arange(S).float(), torch.arange(S).float(), indexing="ij")  # (S, S)
+    cy, cx = (S * (0.35 + 0.3 * torch.rand(2, N, 1, 1, generator=g)))  # (N, 1, 1) each
+    radius = S * (0.25 + 0.1 * torch.rand(N, 1, 1, generator=g))
+    disk = (((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() < radius).float().unsqueeze(1)  # (N, 1, S, S)
+    period = 3.5 + 1.5 * torch.rand(N, 1, 1, generator=g)
+    stripes = 0.6 + 0.4 * torch.sin(2 * math.pi / period * (xx * torch.cos(angle) + yy * torch.sin(angle)))
+    obj = colour[:, :, None, None] * stripes.unsqueeze(1)  # (N, 3, S, S)
+    img = bg * (1 - disk) + obj * disk
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def generate_embedded(seed=0, cfg=EMBEDDED):
+    """Generate the three splits' raw clips: {split: {'wav': (N, T) int16, 'frames': uint8, 'label'}}."""
+    out = {}
+    for i, split in enumerate(("train", "val", "test")):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        n = cfg[f"n_{split}"]
+        labels = torch.arange(n) % cfg["num_classes"]
+        labels = labels[torch.randperm(n, generator=g)]
+        wav = synth_audio(labels, g, cfg)
+        out[split] = {"wav": (wav * 32767).round().to(torch.int16), "frames": synth_frames(labels, g, cfg),
+                      "label": labels}
+    return out
+
+
+def embedded_raw(seed=0, cache_dir=CACHE_DIR):
+    """The raw embedded benchmark, generated once per seed and cached on disk."""
+    path = os.path.join(cache_dir, f"embedded_v{EMBEDDED_VERSION}_seed{seed}.pt")
+    if path in _RAW:
+        return _RAW[path]
+    if os.path.isfile(path):
+        _RAW[path] = torch.load(path, weights_only=True)
+        return _RAW[path]
+    raw = generate_embedded(seed)
+    os.makedirs(cache_dir, exist_ok=True)
+    torch.save(raw, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    _RAW[path] = raw
+    return raw
+
+
+_RAW = {}  # the raw benchmark, loaded once per process
+
+
+def embedded_split(split, model, seed=0, video_corruption=None, audio_corruption=None, severity=5,
+                   corruption_seed=0, frost_dir=None, noise_dir=None, cache_dir=CACHE_DIR):
+    """One split of the embedded benchmark as AVTensors, pre-processed for `model`'s input sizes.
+
+    A corruption (names in VIDEO_CORRUPTIONS / AUDIO_CORRUPTIONS) is applied to the raw frames or
+    waveforms first; the corrupted test set is the same for every run (fixed `corruption_seed`).
+    """
+    raw = embedded_raw(seed, cache_dir)[split]
+    g = torch.Generator().manual_seed(corruption_seed)
+    wav = raw["wav"].float() / 32767  # (N, T_samples)
+    frames = raw["frames"].float() / 255  # (N, 3, S, S)
+    key = (seed, split, model.mel_bins, model.audio_length, model.image_size)
+    if audio_corruption:
+        wav = corrupt_audio(wav, audio_corruption, severity, generator=g, noise_dir=noise_dir).clamp(-1, 1)
+        audio = wavs_to_fbank(wav, model.mel_bins, model.audio_length)
+    else:  # the clean inputs are the same for every corruption of the other modality: compute them once
+        if ("audio",) + key not in _CLEAN:
+            _CLEAN[("audio",) + key] = wavs_to_fbank(wav, model.mel_bins, model.audio_length)
+        audio = _CLEAN[("audio",) + key]
+    if video_corruption:
+        video = frames_to_input(corrupt_video(frames, video_corruption, severity, generator=g, frost_dir=frost_dir),
+                                model.image_size)
+    else:
+        if ("video",) + key not in _CLEAN:
+            _CLEAN[("video",) + key] = frames_to_input(frames, model.image_size)
+        video = _CLEAN[("video",) + key]
+    return AVTensors({"audio": audio, "video": video, "label": raw["label"]})
+
+
+_CLEAN = {}  # clean pre-processed inputs of the embedded benchmark, per (modality, seed, split, sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The READ / Kinetics50-C / VGGSound-C file layout
+# ----------------------------------------------------------------------------------------------
+def read_label_csv(path):
+    """Label CSV `index,mid[,display_name]` (with a header row) -> {mid: index}."""
+    if not os.path.isfile(path):
+        raise DataError(f"label CSV {path} does not exist; pass the class_labels_indices_*.csv of your dataset.")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows and not rows[0][0].strip().isdigit():
+        rows = rows[1:]  # header
+    if not rows:
+        raise DataError(f"label CSV {path} has no rows; expected lines `index,mid,display_name`.")
+    return {r[1].strip(): int(r[0]) for r in rows}
+
+
+def read_json_list(path):
+    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts."""
+    if not os.path.isfile(path):
+        raise DataError(f"data list {path} does not exist; check --data-root / --train-json.")
+    with open(path) as f:
+        try:
+            entries = json.load(f).get("data", [])
+        except (json.JSONDecodeError, AttributeError):
+            raise DataError(f"{path} is not a READ data list (a JSON object with a 'data' list).") from None
+    if not entries:
+        raise DataError(f"data list {path} is empty; there is nothing to evaluate.")
+    return entries
+
+
+def frame_path(entry, index=5):
+    """Path of frame `index` of a clip, falling back to lower indices when a frame is missing."""
+    for i in range(index, -1, -1):
+        p = os.path.join(entry["video_path"], f"frame_{i}", f"{entry['video_id']}.jpg")
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+class ReadLayoutDataset(torch.utils.data.Dataset):
+    """Clips listed in a READ JSON, pre-processed on the fly for a model's input sizes.
+
+    Clips whose WAV or every frame is missing are skipped, counted and reported once; a label not
+    in the CSV is an error (a wrong CSV would silently mislabel everything).
+    """
+
+    def __init__(self, json_path, label_csv, mel_bins=128, target_length=1024, image_size=224,
+                 frame_index=5, entries=None):
+        entries = read_json_list(json_path) if entries is None else entries
+        mid_to_index = read_label_csv(label_csv)
+        self.items, skipped = [], []
+        for e in entries:
+            mids = [m.strip() for m in str(e["labels"]).split(",") if m.strip()]
+            unknown = [m for m in mids if m not in mid_to_index]
+            if not mids or unknown:
+                raise DataError(f"clip {e.get('video_id')} in {json_path} has label {e['labels']!r}, which is not in "
+                                f"{label_csv}; use the label CSV that belongs to this data list.")
+            frame = frame_path(e, frame_index)
+            if frame is None or not os.path.isfile(e["wav"]):
+                skipped.append(e["video_id"])
+                continue
+            # Kinetics50 and VGGSound are single-label: the first label is the class.
+            self.items.append((e["wav"], frame, mid_to_index[mids[0]]))
+        if skipped:
+            print(f"[data] skipped {len(skipped)} of {len(entries)} clips of {json_path} with a missing "
+                  f"WAV or frame (first: {skipped[0]})", file=sys.stderr)
+        if not self.items:
+            raise DataError(f"no clip of {json_path} has both its WAV and a frame on disk; check the paths in it.")
+        self.mel_bins, self.target_length, self.image_size = mel_bins, target_length, image_size
+        self.skipped = len(skipped)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        wav_path, frame, label = self.items[i]
+        wav, sr = read_wav(wav_path)
+        if sr != SAMPLE_RATE:
+            wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
+        image = torchvision.io.decode_image(torchvision.io.read_file(frame), mode=torchvision.io.ImageReadMode.RGB)
+        return {"audio": wav_to_fbank(wav, self.mel_bins, self.target_length),
+                "video": frames_to_input(image.unsqueeze(0), self.image_size)[0],
+                "label": torch.tensor(label), "index": torch.tensor(i)}
+
+
+def read_layout_json(data_root, modality, corruption, severity):
+    """Where READ keeps a test list: <root>/clean/severity_0.json, <root>/<modality>/<corruption>/severity_<s>.json."""
+    if corruption is None:
+        return os.path.join(data_root, "clean", "severity_0.json")
+    return os.path.join(data_root, modality, corruption, f"severity_{severity}.json")
+
+
+def read_layout_split(data_root, label_csv, model, video_corruption=None, audio_corruption=None, severity=5):
+    """A READ-layout test set; with both corruptions, video frames of the one and WAVs of the other."""
+    kw = dict(mel_bins=model.mel_bins, target_length=model.audio_length, image_size=model.image_size)
+    if video_corruption and audio_corruption:
+        vid = read_json_list(read_layout_json(data_root, "video", video_corruption, severity))
+        aud = {e["video_id"]: e["wav"] for e in read_json_list(read_layout_json(data_root, "audio", audio_corruption, severity))}
+        both = [{**e, "wav": aud[e["video_id"]]} for e in vid if e["video_id"] in aud]
+        return ReadLayoutDataset(f"{video_corruption}+{audio_corruption}", label_csv, entries=both, **kw)
+    if video_corruption:
+        return ReadLayoutDataset(read_layout_json(data_root, "video", video_corruption, severity), label_csv, **kw)
+    if audio_corruption:
+        return ReadLayoutDataset(read_layout_json(data_root, "audio", audio_corruption, severity), label_csv, **kw)
+    return ReadLayoutDataset(read_layout_json(data_root, None, None, 0), label_csv, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Missing modalities (CMPT, AOEPT)
+# ----------------------------------------------------------------------------------------------
+MISSING_KINDS = ("none", "audio", "video", "both")
+
+
+def missing_masks(n, kind, rate, seed=0):
+    """Per-sample availability, fixed by `seed`: -> has_audio (n,), has_video (n,) bool.
+
+    kind 'audio': a `rate` fraction lacks audio; 'video': lacks video; 'both' (MAP's protocol):
+    rate/2 lack audio and another rate/2 lack video, none lack both; 'none': all complete.
+    """
+    if kind not in MISSING_KINDS:
+        raise ValueError(f"unknown missing kind {kind!r}; choose one of {MISSING_KINDS}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    has_a, has_v = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    if kind == "audio":
+        has_a[order[: round(rate * n)]] = False
+    elif kind == "video":
+        has_v[order[: round(rate * n)]] = False
+    elif kind == "both":
+        m = round(rate * n / 2)
+        has_a[order[:m]] = False
+        has_v[order[m: 2 * m]] = False
+    return has_a, has_v
+
+
+def with_missing(dataset, has_audio, has_video):
+    """Mark modalities missing: the missing input is replaced by zeros (CMPT's placeholder for audio
+    and video, applied to the model's input tensors) and has_audio / has_video are added."""
+    f = dataset.fields
+    audio = torch.where(has_audio[:, None, None], f["audio"], torch.zeros_like(f["audio"]))
+    video = torch.where(has_video[:, None, None, None], f["video"], torch.zeros_like(f["video"]))
+    return dataset.with_fields(audio=audio, video=video, has_audio=has_audio, has_video=has_video)

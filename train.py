@@ -1,0 +1,277 @@
+"""Training: the source model, and the missing-modality methods (CMPT, AOEPT) with their protocols.
+
+    python train.py                      # source model on the embedded benchmark -> checkpoints/embedded_tiny.pt
+    python train.py --method cmpt        # CMPT + its ablations, missing-modality protocols, results table
+    python train.py --method aoept       # AOEPT + its ablations + a MAP-style baseline, MAP protocol at 70%
+    python train.py --data read --train-json train.json --val-json test.json --label-csv labels.csv --config base
+
+The source model is trained on clean data with cross-entropy on the multimodal logits plus, with
+half the weight each, the audio-only and video-only logits (CAV-MAE's unimodal paths, which the
+published model learned in pre-training; our tiny model is trained from scratch, so it learns
+them here).
+
+A missing-modality method module (`cmpt.py`, `aoept.py`) provides:
+    VARIANTS                 {name: kwargs}; the first is the method itself, the rest its ablations
+    PROTOCOLS                which protocols its paper reports: subset of ("inference", "map")
+    build(backbone, **kw)    -> nn.Module; model(batch) -> logits (B, K), reads has_audio / has_video
+    collect_params(model)    -> (params, names): what trains
+    train_step(model, batch, optimizer) -> (logits, {loss name: float})   zero_grad / backward / step inside
+    prepare(model, loader, device)  optional: work before training (AOEPT's collect and distil)
+    EPOCHS, LR, WEIGHT_DECAY, BATCH_SIZE  defaults for the embedded benchmark
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINT_DIR = os.path.join(HERE, "checkpoints")
+RESULTS_DIR = os.path.join(HERE, "results")
+METHODS = {"source": None, "cmpt": "cmpt", "aoept": "aoept"}  # name -> module with the interface above
+
+
+def default_checkpoint(data_name="embedded", config="tiny"):
+    """Where train.py saves, and adapt.py looks for, the source checkpoint."""
+    return os.path.join(CHECKPOINT_DIR, f"{data_name}_{config}.pt")
+
+
+def write_json(path, obj):
+    """Write a results file whole or not at all (temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Source model
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, loader, device, modes=("multimodal", "audioonly", "videoonly")):
+    """Accuracy (%) of each inference path over a loader."""
+    model.eval()
+    correct = {m: 0 for m in modes}
+    n = 0
+    for batch in loader:
+        batch = data.to_device(batch, device)
+        for m in modes:
+            correct[m] += (model(batch["audio"], batch["video"], mode=m).argmax(1) == batch["label"]).sum().item()
+        n += len(batch["label"])
+    return {m: 100.0 * c / n for m, c in correct.items()}
+
+
+def train_source(args, quiet=False):
+    """Train the source model on clean data; save it; return (model, metrics)."""
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    epochs, lr, batch_size = args.epochs or 12, args.lr or 2e-3, args.batch_size or 64
+    t0 = time.time()
+    if args.data == "embedded":
+        model = common.CAVMAE(args.config, num_classes=data.EMBEDDED["num_classes"])
+        train_set = data.embedded_split("train", model, seed=args.data_seed)
+        val_set = data.embedded_split("test", model, seed=args.data_seed)
+    else:
+        if not (args.train_json and args.label_csv):
+            raise SystemExit("--data read needs --train-json and --label-csv (and --val-json to report accuracy).")
+        num_classes = len(data.read_label_csv(args.label_csv))
+        model = common.CAVMAE(args.config, num_classes=num_classes)
+        kw = dict(mel_bins=model.mel_bins, target_length=model.audio_length, image_size=model.image_size)
+        train_set = data.ReadLayoutDataset(args.train_json, args.label_csv, **kw)
+        val_set = data.ReadLayoutDataset(args.val_json, args.label_csv, **kw) if args.val_json else None
+    model.to(device)
+    loader = data.make_loader(train_set, batch_size, shuffle=True, seed=args.seed, num_workers=args.workers)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    bar = tqdm(total=steps, desc="source training", disable=quiet, dynamic_ncols=True)
+    for epoch in range(epochs):
+        model.train()
+        for batch in loader:
+            batch = data.to_device(batch, device)
+            z_a, z_v = model.encode(batch["audio"], batch["video"])
+            y = batch["label"]
+            loss_av = F.cross_entropy(model.classify(model.fuse(z_a, z_v)), y)
+            loss_a = F.cross_entropy(model.classify(model.fuse_single(z_a, "a")), y)
+            loss_v = F.cross_entropy(model.classify(model.fuse_single(z_v, "v")), y)
+            loss = loss_av + 0.5 * (loss_a + loss_v)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    metrics = {"train_seconds": time.time() - t0}
+    if val_set is not None:
+        metrics.update(evaluate(model, data.make_loader(val_set, 256, shuffle=False), device))
+    out = args.out or default_checkpoint(args.data, args.config)
+    common.save_checkpoint(out, model, data=args.data, data_seed=args.data_seed, seed=args.seed, metrics=metrics)
+    if not quiet:
+        print(f"saved {out}")
+        print(f"clean test accuracy (%): fused {metrics.get('multimodal', float('nan')):.1f} | "
+              f"audio-only {metrics.get('audioonly', float('nan')):.1f} | "
+              f"video-only {metrics.get('videoonly', float('nan')):.1f} | {metrics['train_seconds']:.1f} s")
+    return model, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Missing-modality protocols (shared by CMPT and AOEPT)
+# ----------------------------------------------------------------------------------------------
+INFERENCE_RATES = (0, 10, 30, 50, 70, 90, 100)  # % of a modality missing at test time (CMPT, Fig. 3)
+MAP_KINDS = ("audio", "video", "both")  # missing-audio, missing-video, missing-both (MAP protocol)
+
+
+@torch.no_grad()
+def accuracy(model, dataset, device, batch_size=256):
+    model.eval()
+    correct = 0
+    for batch in data.make_loader(dataset, batch_size, shuffle=False):
+        batch = data.to_device(batch, device)
+        correct += (model(batch).argmax(1) == batch["label"]).sum().item()
+    return 100.0 * correct / len(dataset)
+
+
+def fit(module, variant, backbone, train_set, args, device, seed, desc):
+    """Build one variant on a copy of the frozen source model and train it; returns the model."""
+    common.seed_everything(seed)
+    model = module.build(copy_frozen(backbone), **module.VARIANTS[variant]).to(device)
+    loader = data.make_loader(train_set, args.batch_size or module.BATCH_SIZE, shuffle=True, seed=seed)
+    if hasattr(module, "prepare"):
+        module.prepare(model, data.make_loader(train_set, 256, shuffle=False), device)
+    params, _ = module.collect_params(model)
+    epochs = args.epochs or module.EPOCHS
+    opt = torch.optim.AdamW(params, lr=args.lr or module.LR, weight_decay=module.WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr or module.LR, total_steps=epochs * len(loader),
+                                                pct_start=0.1)
+    bar = tqdm(total=epochs * len(loader), desc=desc, leave=False, dynamic_ncols=True)
+    for _ in range(epochs):
+        model.train()
+        for batch in loader:
+            _, losses = module.train_step(model, data.to_device(batch, device), opt)
+            sched.step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+    bar.close()
+    return model.eval()
+
+
+def copy_frozen(model):
+    import copy
+    m = copy.deepcopy(model).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def run_missing(args):
+    """Train every variant of a method and evaluate the missing-modality protocols; table + JSON."""
+    module = importlib.import_module(METHODS[args.method])
+    device = common.get_device(args.device)
+    backbone = load_or_train_source(args, device)
+    train_full = data.embedded_split("train", backbone, seed=args.data_seed)
+    test_full = data.embedded_split("test", backbone, seed=args.data_seed)
+    variants = args.variants or list(module.VARIANTS)
+    protocols = [p for p in module.PROTOCOLS if p in args.protocols]
+    rows = {}  # (protocol, setting) -> {variant: [acc per seed]}
+    t0 = time.time()
+    for seed in args.seeds:
+        for variant in variants:
+            if "inference" in protocols:  # train on complete data, test with x% of one modality missing
+                model = fit(module, variant, backbone, train_full, args, device, seed, f"{variant} seed {seed}")
+                for kind in ("audio", "video"):
+                    for rate in INFERENCE_RATES:
+                        has_a, has_v = data.missing_masks(len(test_full), kind, rate / 100, seed=seed)
+                        acc = accuracy(model, data.with_missing(test_full, has_a, has_v), device)
+                        rows.setdefault(("inference", f"{kind} {rate}% missing"), {}).setdefault(variant, []).append(acc)
+                        tqdm.write(f"[{variant} seed {seed}] {kind} {rate}% missing: {acc:.1f}")
+            if "map" in protocols:  # the same missing type and rate in training and test
+                for kind in MAP_KINDS:
+                    tr = data.with_missing(train_full, *data.missing_masks(len(train_full), kind, args.map_rate, seed=seed))
+                    te = data.with_missing(test_full, *data.missing_masks(len(test_full), kind, args.map_rate, seed=seed + 1))
+                    model = fit(module, variant, backbone, tr, args, device, seed, f"{variant} MAP {kind} seed {seed}")
+                    acc = accuracy(model, te, device)
+                    rows.setdefault(("map", f"missing-{kind} {int(args.map_rate * 100)}%"), {}).setdefault(variant, []).append(acc)
+                    tqdm.write(f"[{variant} seed {seed}] MAP missing-{kind}: {acc:.1f}")
+    table = format_table(rows, variants, len(args.seeds))
+    print(table)
+    out = args.results or os.path.join(RESULTS_DIR, f"train_{args.method}.json")
+    write_json(out, {"args": vars(args), "wall_seconds": time.time() - t0,
+                     "results": [{"protocol": p, "setting": s, "accuracy": v} for (p, s), v in rows.items()]})
+    print(f"wrote {out}")
+    return rows
+
+
+def format_table(rows, variants, n_seeds):
+    def cell(v):
+        return f"{np.mean(v):5.1f}" + (f" +/- {np.std(v):3.1f}" if n_seeds > 1 else "")
+    w = max(len(s) for _, s in rows) + 2
+    cw = max(16, max(len(v) for v in variants) + 2)
+    lines = [f"{'setting':<{w}}" + "".join(f"{v:>{cw}}" for v in variants)]
+    for (p, s), accs in rows.items():
+        lines.append(f"{s:<{w}}" + "".join(f"{cell(accs[v]):>{cw}}" for v in variants))
+    return "\n".join(lines)
+
+
+def load_or_train_source(args, device):
+    path = args.checkpoint or default_checkpoint("embedded", args.config)
+    if not os.path.isfile(path):
+        print(f"no source checkpoint at {path}: training one first (about a minute on a CPU)")
+        src_args = build_parser().parse_args(["--config", args.config, "--device", str(device), "--out", path])
+        train_source(src_args)
+    model, _ = common.load_checkpoint(path, device=device)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="source", choices=list(METHODS),
+                   help="source: train the source model; cmpt / aoept: train that method and run its protocols")
+    p.add_argument("--data", default="embedded", choices=["embedded", "read"],
+                   help="embedded benchmark (generated locally) or a dataset in READ's file layout")
+    p.add_argument("--config", default="tiny", choices=list(common.CONFIGS), help="model size (base = published CAV-MAE)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 12 for source, the method's EPOCHS)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 for source, the method's LR)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64 for source, the method's BATCH_SIZE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the source training run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the method runs")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the embedded benchmark")
+    p.add_argument("--out", default=None, help="where to save the source checkpoint (default: checkpoints/<data>_<config>.pt)")
+    p.add_argument("--checkpoint", default=None, help="source checkpoint the methods start from")
+    p.add_argument("--results", default=None, help="results JSON (default: results/train_<method>.json)")
+    p.add_argument("--variants", nargs="+", default=None, help="only these variants of the method (default: all)")
+    p.add_argument("--protocols", nargs="+", default=["inference", "map"], help="which protocols to run")
+    p.add_argument("--map-rate", type=float, default=0.7, help="missing rate of the MAP protocol")
+    p.add_argument("--train-json", default=None, help="READ layout: training list (JSON)")
+    p.add_argument("--val-json", default=None, help="READ layout: list to report accuracy on")
+    p.add_argument("--label-csv", default=None, help="READ layout: class_labels_indices CSV")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (READ layout)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.method == "source":
+            train_source(args)
+        else:
+            run_missing(args)
+    except (common.CheckpointError, data.DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
