@@ -1,0 +1,369 @@
+"""Test-time adaptation runner: `python adapt.py --method NAME`, the papers' protocol, a paired table.
+
+    python adapt.py --method brimpr                        # 15 video corruptions, severity 5, 1 seed
+    python adapt.py --method read --modality audio --seeds 1 2 3
+    python adapt.py --method abpem --modality both --corruption gaussian_noise+wind
+    python adapt.py --method tent --continual              # all corruption types in one stream, no reset
+    python adapt.py --method brimpr --data read --data-root json_csv_files/ks50 \\
+        --label-csv class_labels_indices_ks50.csv --checkpoint cav_mae_ks50.pth --config base --dataset ks50
+
+Protocol (READ, ABPEM, BriMPR): severity 5; one corruption type at a time; the model and the
+optimiser are reset between corruption types (and seeds); one online pass over the shuffled test
+stream; accuracy averaged over batches, then over seeds, then over corruption types. Source (the
+frozen model) is evaluated on the very same batches, so every row is a paired comparison.
+
+A method is anything with `BATCH_SIZE` (an int, or a dict by dataset name) and `setup(model, ctx)`
+returning an adapter: `adapter(batch) -> logits` adapts on the batch and returns the prediction
+the paper reports; `adapter.reset()` restores the start; `adapter.losses` holds the last loss
+terms (a dict of floats, for the progress bar). Source, Tent and READ are written in this file;
+`abpem.py` and `brimpr.py` are modules with the same two names.
+"""
+import argparse
+import copy
+import importlib
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+import train
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline losses
+# ----------------------------------------------------------------------------------------------
+def softmax_entropy(logits):
+    """Shannon entropy of softmax(logits) per sample: -sum_k p_k log p_k. (B, K) -> (B,)."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def read_confidence_loss(logits, gamma=math.exp(-1)):
+    """READ Eq. 6: (1/B) sum_i p_i log(e * gamma / p_i), p_i the max softmax probability. -> scalar."""
+    p = logits.softmax(1).max(1).values  # (B,)
+    # Eq. (6) with gamma = e^-1 this is the mean of -p log p: confident samples pushed up, others down
+    return (p * torch.log(math.e * gamma / p)).mean()
+
+
+def read_balance_loss(logits):
+    """READ Eq. 7: c_k = sum_i p_ik, s = softmax(c), L_bal = sum_k s_k log s_k (minus the entropy of s)."""
+    c = logits.softmax(1).sum(0)  # (K,)
+    # Eq. (7)
+    return (c.softmax(0) * c.log_softmax(0)).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------
+class Source:
+    """The source model, frozen, no adaptation."""
+    BATCH_SIZE = 64
+
+    def __init__(self, model):
+        self.model, self.losses = model.eval(), {}
+
+    @classmethod
+    def setup(cls, model, ctx):
+        return cls(model)
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        return self.model(batch["audio"], batch["video"])
+
+    def reset(self):
+        pass
+
+
+class Episodic:
+    """Keeps a copy of the model's and the optimiser's starting state; reset() restores both (tent style)."""
+
+    def __init__(self, model, params):
+        self.model, self.losses = model.eval(), {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+        self.model_state = copy.deepcopy(model.state_dict())
+        self.optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+
+    def reset(self):
+        self.model.load_state_dict(self.model_state, strict=True)
+        self.optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
+
+
+class Tent(Episodic):
+    """Tent (Wang et al., ICLR 2021, DequanWang/tent): minimise the mean prediction entropy, updating
+    every LayerNorm's affine parameters, one step per batch; the prediction is that forward's output.
+    Adam 1e-4 and batch 64 as the multimodal papers run it."""
+    BATCH_SIZE = 64
+
+    @classmethod
+    def setup(cls, model, ctx):
+        params = [p for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in (m.weight, m.bias)]
+        return cls(model, params)
+
+    def __call__(self, batch):
+        logits = self.model(batch["audio"], batch["video"])
+        loss = softmax_entropy(logits).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses = {"entropy": loss.item()}
+        return logits.detach()
+
+
+class READ(Episodic):
+    """READ (Yang et al., ICLR 2024, XLearning-SCU/2024-ICLR-READ): update only the unified block's
+    attention q, k, v projections with the confidence-aware loss (Eq. 6) plus the balance term
+    (Eq. 7); Adam 1e-4, batch 64; the prediction is a second forward after the update (public code).
+
+    The encoders are frozen, so their outputs are computed once per batch and reused by both passes
+    through the unified block. Updating `qkv` in place is the same parameter set as READ's copy of
+    it into separate q, k, v Linears.
+    """
+    BATCH_SIZE = 64
+
+    @classmethod
+    def setup(cls, model, ctx):
+        qkv = model.blocks_u[0].attn.qkv
+        return cls(model, [qkv.weight, qkv.bias])
+
+    def __call__(self, batch):
+        with torch.no_grad():
+            z_a, z_v = self.model.encode(batch["audio"], batch["video"])  # frozen: (B, N_a, D), (B, N_v, D)
+        logits = self.model.classify(self.model.fuse(z_a, z_v))
+        l_ra, l_bal = read_confidence_loss(logits), read_balance_loss(logits)
+        loss = l_ra + l_bal
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses = {"ra": l_ra.item(), "bal": l_bal.item()}
+        with torch.no_grad():
+            return self.model.classify(self.model.fuse(z_a, z_v))
+
+
+METHODS = {"source": Source, "tent": Tent, "read": READ, "abpem": "abpem", "brimpr": "brimpr"}
+
+
+def get_method(name):
+    m = METHODS[name]
+    return importlib.import_module(m) if isinstance(m, str) else m
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams
+# ----------------------------------------------------------------------------------------------
+def corruption_list(modality, corruption):
+    """The corruption types to run: names, or 'video+audio' pairs for --modality both."""
+    if modality == "both":
+        pairs = [f"{v}+{a}" for v in data.VIDEO_CORRUPTIONS for a in data.AUDIO_CORRUPTIONS]
+        valid, names = pairs, "'<video corruption>+<audio corruption>', e.g. gaussian_noise+wind"
+    else:
+        valid = list(data.VIDEO_CORRUPTIONS if modality == "video" else data.AUDIO_CORRUPTIONS)
+        names = ", ".join(valid)
+    if corruption == "all":
+        return valid
+    chosen = corruption.split(",")
+    bad = [c for c in chosen if c not in valid]
+    if bad:
+        raise ValueError(f"unknown {modality} corruption {bad[0]!r}; choose 'all' or one of {names}.")
+    return chosen
+
+
+def test_set(args, model, corruption):
+    """The corrupted test set for one corruption type (video, audio, or a 'video+audio' pair)."""
+    vc = ac = None
+    if args.modality == "both":
+        vc, ac = corruption.split("+")
+    elif args.modality == "video":
+        vc = corruption
+    else:
+        ac = corruption
+    if args.data == "embedded":
+        return data.embedded_split("test", model, seed=args.data_seed, video_corruption=vc, audio_corruption=ac,
+                                   severity=args.severity, frost_dir=args.frost_dir, noise_dir=args.noise_dir)
+    return data.read_layout_split(args.data_root, args.label_csv, model, vc, ac, args.severity)
+
+
+def source_batch_fn(args, model, device):
+    """ctx.source_batch(n, seed): n random clean training clips (BriMPR's source statistics)."""
+    def source_batch(n, seed=0):
+        if args.data == "embedded":
+            ds = data.embedded_split("train", model, seed=args.data_seed)
+        else:
+            path = args.source_json or data.read_layout_json(args.data_root, None, None, 0)
+            ds = data.ReadLayoutDataset(path, args.label_csv, model.mel_bins, model.audio_length, model.image_size)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+        return data.to_device(torch.utils.data.default_collate([ds[int(i)] for i in idx]), device)
+    return source_batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def load_model(args, device):
+    if args.checkpoint:
+        return common.load_checkpoint(args.checkpoint, config=args.config, device=device)
+    if args.data != "embedded":
+        raise ValueError("--data read needs --checkpoint (your CAV-MAE fine-tuned checkpoint) and --config.")
+    path = train.default_checkpoint("embedded", args.config or "tiny")
+    if not os.path.isfile(path):
+        print(f"no source checkpoint at {path}: training one first (about half a minute on a CPU)")
+        train.train_source(train.build_parser().parse_args(["--config", args.config or "tiny", "--out", path,
+                                                            "--device", str(device)]))
+    return common.load_checkpoint(path, device=device)
+
+
+def run(args):
+    device = common.get_device(args.device)
+    method = get_method(args.method)
+    corruptions = corruption_list(args.modality, args.corruption)
+    model, meta = load_model(args, device)
+    dataset = args.dataset or ("embedded" if args.data == "embedded" else None)
+    if dataset is None:
+        raise ValueError("--data read needs --dataset ks50 or vggsound (it picks the papers' per-dataset settings).")
+    bs = args.batch_size or (method.BATCH_SIZE[dataset] if isinstance(method.BATCH_SIZE, dict) else method.BATCH_SIZE)
+    ckpt = args.checkpoint or train.default_checkpoint("embedded", args.config or "tiny")
+    ctx = SimpleNamespace(dataset=dataset, modality=args.modality, num_classes=model.num_classes, device=device,
+                          continual=args.continual, cache_prefix=os.path.splitext(ckpt)[0],
+                          data_seed=args.data_seed, use_cache=args.use_cache,
+                          source_batch=source_batch_fn(args, model, device))
+    source = Source(model)
+    adapter = method.setup(copy.deepcopy(model), ctx)
+    paired = args.method != "source"
+
+    acc = {c: {"source": [], args.method: []} for c in corruptions}  # per corruption, one value per seed
+    time_src = time_method = 0.0
+    n_batches = n_samples = 0
+    t_start = time.time()
+    sets = {}
+
+    def stream(corruption, seed, reset):
+        nonlocal time_src, time_method, n_batches, n_samples
+        if corruption not in sets:
+            sets[corruption] = test_set(args, model, corruption)
+        if reset:
+            adapter.reset()
+        loader = data.make_loader(sets[corruption], bs, shuffle=True, seed=seed, num_workers=args.workers)
+        accs_s, accs_m = [], []
+        bar = tqdm(loader, desc=f"{corruption} (seed {seed})", leave=False, dynamic_ncols=True)
+        for batch in bar:
+            batch = data.to_device(batch, device)
+            y = batch["label"]
+            t0 = time.perf_counter()
+            logits_s = source(batch) if paired else None
+            t1 = time.perf_counter()
+            logits_m = adapter(batch)
+            t2 = time.perf_counter()
+            time_src, time_method = time_src + (t1 - t0), time_method + (t2 - t1)
+            n_batches, n_samples = n_batches + 1, n_samples + len(y)
+            accs_m.append(100.0 * (logits_m.argmax(1) == y).float().mean().item())
+            accs_s.append(100.0 * (logits_s.argmax(1) == y).float().mean().item() if paired else accs_m[-1])
+            shown = {"source": f"{np.mean(accs_s):.1f}", args.method: f"{np.mean(accs_m):.1f}"}
+            bar.set_postfix({**shown, **{k: f"{v:.3f}" for k, v in adapter.losses.items()}})
+        acc[corruption]["source"].append(float(np.mean(accs_s)))
+        acc[corruption][args.method].append(float(np.mean(accs_m)))
+        if not args.continual:  # in a continual stream the next corruption follows without a reset
+            sets.pop(corruption)
+        tqdm.write(f"{corruption:<32} seed {seed}: source {np.mean(accs_s):5.1f}  {args.method} {np.mean(accs_m):5.1f}")
+
+    if args.continual:  # one stream per seed through every corruption type, reset only at the start
+        for seed in args.seeds:
+            common.seed_everything(seed)
+            for i, c in enumerate(corruptions):
+                stream(c, seed, reset=(i == 0))
+    else:
+        for c in corruptions:
+            for seed in args.seeds:
+                common.seed_everything(seed)
+                stream(c, seed, reset=True)
+
+    wall = time.time() - t_start
+    columns = ["source", args.method] if paired else ["source"]
+    print(results_table(acc, columns, len(args.seeds)))
+    ratio = time_method / time_src if paired and time_src > 0 else float("nan")
+    print(f"{n_samples} samples in {wall:.1f} s ({n_samples / wall:.1f} samples/s); per batch of {bs}: "
+          f"source forward {1000 * time_src / n_batches:.1f} ms, {args.method} "
+          f"{1000 * time_method / n_batches:.1f} ms ({ratio:.2f}x)")
+    out = args.results or os.path.join(train.RESULTS_DIR, f"adapt_{args.method}_{args.modality}.json")
+    summary = {c: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for k, v in d.items()}
+               for c, d in acc.items()}
+    avg = {k: float(np.mean([np.mean(acc[c][k]) for c in corruptions])) for k in columns}
+    train.write_json(out, {"args": vars(args), "batch_size": bs, "accuracy": summary, "average": avg,
+                           "wall_seconds": wall, "samples_per_second": n_samples / wall,
+                           "ms_per_batch": {"source": 1000 * time_src / n_batches,
+                                            args.method: 1000 * time_method / n_batches},
+                           "time_ratio_to_source": ratio})
+    print(f"wrote {out}")
+    return avg, summary
+
+
+def results_table(acc, columns, n_seeds):
+    """Rows = corruption types, columns = methods (mean over seeds, +/- std over seeds), then the average."""
+    def cell(v):
+        return f"{np.mean(v):5.1f}" + (f" +/- {np.std(v):4.1f}" if n_seeds > 1 else "")
+    w = max(24, max(len(c) for c in acc) + 2)
+    cw = 16 if n_seeds > 1 else 9
+    lines = [f"{'corruption':<{w}}" + "".join(f"{c:>{cw}}" for c in columns), "-" * (w + cw * len(columns))]
+    for c, d in acc.items():
+        lines.append(f"{c:<{w}}" + "".join(f"{cell(d[k]):>{cw}}" for k in columns))
+    lines.append("-" * (w + cw * len(columns)))
+    mean_over_seeds = {k: [np.mean([acc[c][k][s] for c in acc]) for s in range(n_seeds)] for k in columns}
+    lines.append(f"{'average':<{w}}" + "".join(f"{cell(mean_over_seeds[k]):>{cw}}" for k in columns))
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="brimpr", choices=list(METHODS), help="adaptation method")
+    p.add_argument("--modality", default="video", choices=["video", "audio", "both"],
+                   help="which modality is corrupted (both: every video corruption paired with every audio one)")
+    p.add_argument("--corruption", default="all", help="'all', a corruption name, or a comma-separated list")
+    p.add_argument("--severity", type=int, default=5, choices=[1, 2, 3, 4, 5], help="corruption severity")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds (stream order, masks); results are averaged")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the method paper's batch size")
+    p.add_argument("--use-cache", action="store_true",
+                   help="ABPEM: the public code's feature cache of recent batches (off by default; not in the paper)")
+    p.add_argument("--continual", action="store_true", help="all corruption types in one stream, no reset between them")
+    p.add_argument("--data", default="embedded", choices=["embedded", "read"],
+                   help="embedded benchmark (generated locally) or Kinetics50-C / VGGSound-C in READ's file layout")
+    p.add_argument("--dataset", default=None, choices=["ks50", "vggsound", "embedded"],
+                   help="picks the papers' per-dataset hyper-parameters (default: embedded)")
+    p.add_argument("--data-root", default=None, help="READ layout: folder with clean/, video/, audio/ JSON lists")
+    p.add_argument("--label-csv", default=None, help="READ layout: class_labels_indices CSV")
+    p.add_argument("--source-json", default=None, help="READ layout: clean training list for source statistics "
+                                                       "(default: <data-root>/clean/severity_0.json)")
+    p.add_argument("--checkpoint", default=None, help="source checkpoint (default: checkpoints/embedded_<config>.pt, "
+                                                      "trained on the fly if missing)")
+    p.add_argument("--config", default=None, choices=list(common.CONFIGS),
+                   help="model configuration of a published checkpoint (ours carry their own)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the embedded benchmark")
+    p.add_argument("--frost-dir", default=None, help="folder of real frost photographs (default: procedural stand-in)")
+    p.add_argument("--noise-dir", default=None, help="folder with traffic/crowd/rain/thunder/wind.wav "
+                                                     "(default: procedural stand-ins)")
+    p.add_argument("--results", default=None, help="results JSON (default: results/adapt_<method>_<modality>.json)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (READ layout)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.data == "read" and not (args.data_root and args.label_csv):
+        sys.exit("error: --data read needs --data-root (the folder with clean/, video/, audio/) and --label-csv.")
+    try:
+        return run(args)
+    except (common.CheckpointError, data.DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The adaptation runner and its baselines (Source, Tent, READ)."""
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import adapt
+import common
+import data
+import train
+from common import CAVMAE
+from test_data import make_read_layout
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 1.5, 0.0]], dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------- losses
+def test_softmax_entropy_uniform_is_log_k():
+    assert torch.allclose(adapt.softmax_entropy(torch.zeros(3, 5, dtype=torch.float64)),
+                          torch.full((3,), math.log(5), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("p, expected", [(0.9, 0.094824), (0.5, 0.346574), (math.exp(-1), 0.367879)])
+def test_read_confidence_single_sample(p, expected):
+    # gamma = e^-1: p log(e * e^-1 / p) = -p log p; 0.9 * ln(1/0.9) = 0.9 * 0.105361 = 0.094824
+    # probabilities (p, (1-p)/2, (1-p)/2): p is the largest for all three values of p
+    logits = torch.tensor([[math.log(p), math.log((1 - p) / 2), math.log((1 - p) / 2)]], dtype=torch.float64)
+    assert abs(adapt.read_confidence_loss(logits).item() - expected) < 1e-6
+
+
+def test_read_losses_check_values():
+    # max probabilities 0.643914 and 0.526121: mean of -p ln p = (0.283534 + 0.338226) / 2 = 0.305880
+    assert abs(adapt.read_confidence_loss(LOGITS).item() - 0.305880) < 1e-6
+    # L_bal = sum_k s_k log s_k = -H(softmax(sum_i p_i)) = -1.361689
+    assert abs(adapt.read_balance_loss(LOGITS).item() + 1.361689) < 1e-6
+
+
+def test_read_confidence_threshold_direction():
+    # d/dp [p log(e gamma / p)] = log(gamma / p): negative above gamma (pushed up), positive below
+    for p, sign in ((0.9, -1), (0.2, 1)):
+        logits = torch.tensor([[math.log(p), math.log(1 - p)]], dtype=torch.float64, requires_grad=True)
+        adapt.read_confidence_loss(logits).backward()
+        assert math.copysign(1, logits.grad[0, 0].item()) == sign
+
+
+# ---------------------------------------------------------------------------- freezing and reset
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(0)
+    return {"audio": torch.randn(8, 128, 64, generator=g), "video": torch.randn(8, 3, 64, 64, generator=g),
+            "label": torch.arange(8) % 10}
+
+
+def changed_keys(before, model):
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+@pytest.mark.parametrize("name", ["tent", "read"])
+def test_baseline_updates_exactly_its_parameters_and_resets(name, tiny_batch):
+    torch.manual_seed(0)
+    model = CAVMAE("tiny")
+    start = copy.deepcopy(model.state_dict())
+    adapter = adapt.METHODS[name].setup(model, SimpleNamespace())
+    adapter(tiny_batch)
+    if name == "tent":  # the LayerNorms on the multimodal path (the _a/_v norms get no gradient there)
+        expected = {k for k in start if any(s in k for s in (".norm1.", ".norm2.")) or k.startswith("norm.")
+                    or k.startswith("mlp_head.0.")}
+    else:  # READ: the unified block's q, k, v projections
+        expected = {"blocks_u.0.attn.qkv.weight", "blocks_u.0.attn.qkv.bias"}
+    assert changed_keys(start, model) == expected
+    adapter(tiny_batch)
+    assert len(adapter.optimizer.state) > 0
+    adapter.reset()
+    assert changed_keys(start, model) == set()
+    assert len(adapter.optimizer.state) == 0
+
+
+def test_read_predicts_after_the_update(tiny_batch):
+    torch.manual_seed(0)
+    model = CAVMAE("tiny")
+    adapter = adapt.READ.setup(model, SimpleNamespace())
+    out = adapter(tiny_batch)
+    with torch.no_grad():
+        assert torch.allclose(out, model(tiny_batch["audio"], tiny_batch["video"]))  # the updated model's output
+
+
+# ---------------------------------------------------------------------------- the runner
+def run(tmp_path, *extra):
+    out = tmp_path / "r.json"
+    adapt.main(["--corruption", "gaussian_noise", "--seeds", "1", "--results", str(out), *extra])
+    return json.loads(out.read_text())
+
+
+def test_runner_end_to_end_and_paired_source(tmp_path):
+    res = run(tmp_path, "--method", "read")
+    acc = res["accuracy"]["gaussian_noise"]
+    assert 0 <= acc["read"]["mean"] <= 100
+    # the Source column is the frozen model's batch-averaged accuracy on the same stream
+    model, _ = common.load_checkpoint(train.default_checkpoint())
+    ds = data.embedded_split("test", model, video_corruption="gaussian_noise")
+    accs = []
+    with torch.no_grad():
+        for b in data.make_loader(ds, 64, shuffle=True, seed=1):
+            accs.append(100.0 * (model(b["audio"], b["video"]).argmax(1) == b["label"]).float().mean().item())
+    assert abs(acc["source"]["mean"] - sum(accs) / len(accs)) < 1e-9
+    assert res["batch_size"] == 64 and res["samples_per_second"] > 0
+
+
+def test_runner_same_seed_same_numbers(tmp_path):
+    a = run(tmp_path, "--method", "tent", "--modality", "audio")
+    b = run(tmp_path, "--method", "tent", "--modality", "audio")
+    assert a["accuracy"] == b["accuracy"]
+
+
+def test_runner_bad_corruption_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        adapt.main(["--method", "source", "--corruption", "gaussian_blurr", "--results", str(tmp_path / "r.json")])
+    assert "unknown video corruption 'gaussian_blurr'" in str(e.value)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_runner_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        adapt.main(["--method", "source", "--checkpoint", str(tmp_path / "missing.pt")])
+    assert "does not exist" in str(e.value)
+
+
+def test_runner_on_read_layout(tmp_path):
+    make_read_layout(tmp_path, n=6)
+    ckpt = tmp_path / "tiny3.pt"
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=3))
+    out = tmp_path / "read.json"
+    adapt.main(["--method", "read", "--data", "read", "--dataset", "ks50", "--data-root", str(tmp_path),
+                "--label-csv", str(tmp_path / "labels.csv"), "--checkpoint", str(ckpt),
+                "--corruption", "gaussian_noise", "--results", str(out), "--batch-size", "4"])
+    res = json.loads(out.read_text())
+    assert set(res["accuracy"]) == {"gaussian_noise"}
+    # 6 clips in batches of 4: batch accuracies are multiples of 25 and 50
+    assert 0 <= res["accuracy"]["gaussian_noise"]["read"]["mean"] <= 100
