@@ -1,0 +1,439 @@
+"""AOEPT: Modal-Contextualized Prompts for modality-missing prompt tuning, and a MAP-style baseline.
+
+Lang, Hong, Zhong, Zhou. "AOEPT: Breaking the Implicit Modality-Reduction Bottleneck in
+Modality-Missing Prompt Tuning", ICML 2026. arXiv 2605.24816. Public code: github.com/Jian-Lang/AOEPT
+(`core/model/AOEPT/AOEPT_CLIP_model.py`, `core/model/AOEPT/module.py`,
+`core/model/AOEPT/preprocess/cluster_tokens.py`, `core/utils/stats_utils.py`, `script/run_aoept.sh`).
+The paper body was not available to us: the public code is the authority, and the comments name
+the step of its pipeline (collect, distil, construct, instantiate, insert, auxiliary loss) where a
+paper would give an equation number.
+
+Idea. Missing-modality prompt methods before AOEPT (MAP, Lee et al. CVPR 2023, and its followers)
+choose or build prompts from the modalities a sample HAS, so a frozen multimodal transformer fed a
+sample without modality m only ever sees observed-modality information: it is confined to the
+observed-modality subspace (the "implicit modality-reduction bottleneck"). AOEPT gives every
+prompted layer l and modality m a Modal-Contextualized Prompt (MCP) read out of a frozen memory
+C^l_m of m's features over the training data, and instantiates it per sample with a channel gate
+computed from the OTHER modality, so a sample missing m still receives m-like, sample-specific
+information. Here the two CAV-MAE towers (`blocks_a`, `blocks_v`) play the roles of CLIP's text and
+image towers; after the prompted towers the prompts are stripped and the tokens go through the
+frozen unified block (`fuse`) and a classifier head.
+
+The three steps and the training objective (m in {a, v}, m' the other modality, h^l_m the tokens
+entering block l of m's tower, prompt positions excluded):
+
+    collect     c^l_{m,i} = mean_n h^l_{m,i,n}       frozen backbone, no prompts, training split,
+                                                     l < depth, only samples i that have m
+    distil      C^l_m = KMeans_K({c^l_{m,i}}_i)      (K, D) per layer, K-means, then FROZEN
+    construct   P^l_m = LN_m( Attn(Q^l_m, C^l_m, C^l_m) + Q^l_m )                        (L, D)
+                Attn(Q, C, C) = concat_h softmax(Q_h C_h^T / sqrt(d_h)) C_h   (no projections)
+    instantiate g^l_{m,i} = sigmoid( MLP^l_m(c^{l-1}_{m',i}) )  if sample i has m', else 1   (D,)
+                P^l_{m,i} = P^l_m * g^l_{m,i}                 (channel-wise)             (L, D)
+    insert      h^l_m <- [P^l_{m,i}; h^l_m[L:]]   at l < depth (REPLACED, not accumulated);
+                after depth the prompt outputs pass through; stripped before the unified block
+    auxiliary   L_aux = mean over (l < depth, m) of InfoNCE over the samples that have m between
+                mean_t P^l_{m,i,t} and sg(mean_n h^{l+1}_{m,i,n}), cosine logits * exp(s), s0 = ln 100
+    total       L = CE(y, head(fuse(z_a, z_v))) + 0.05 * L_aux            (backbone frozen)
+
+MAP-style baseline (`VARIANTS["map"]`): no memory, no gate, no auxiliary loss; one learnable prompt
+set per missing case, chosen per sample: P^l_{m,i} = P^l_{m, case(i)}.
+
+Missing inputs arrive as zeros in the model-input space (zero fbank, zero normalised frame):
+CMPT's placeholder for audio-visual data, adopted here (MAP feeds empty text / all-ones images).
+
+Deviations (each is a `# DEVIATION:` line below; the public code is the reference):
+  1. Gate source: the public CLIP code runs text layer i before vision layer i, so the vision gate
+     reads the text tower AFTER layer i while the text gate reads the vision tower after layer
+     i-1; we use the previous layer for both towers (the symmetric rule of the spec).
+  2. Shared prompts: the public code's default (`use_shared_prompt` True, the yamls leave it on)
+     adds L more tokens per layer from a shared bottleneck query; left out, so the file shows the
+     three steps the paper's figure names.
+  3. Head: the public code trains a fresh linear classifier on CLIP's two projections and also
+     trains CLIP's final LayerNorms and projections; CAV-MAE has a head trained for this task,
+     `mlp_head` (LayerNorm + Linear), so we fine-tune a copy of it (source-initialised); the
+     unified block and its `norm` stay frozen.
+  4. K: the public script asks for K = 256 centres (capped at n); with ~450-1,500 samples at width
+     64 we use K = min(256, n // 8), at least 1.
+  5. K-means: sklearn's KMeans (greedy k-means++, n_init 10, max_iter 300, tol 1e-4) becomes a torch
+     Lloyd's K-means with plain k-means++ seeding and the same n_init / max_iter / tol rule; an
+     empty cluster keeps its centre (sklearn moves it to a far point).
+  6. Schedule: train.py's AdamW + OneCycleLR (10% warm-up from lr/25, cosine down to ~0) stands in
+     for the public code's cosine decay with 10% linear warm-up; no early stopping on a
+     validation split (the public trainer keeps the best validation epoch).
+  7. Budget: 20 epochs at batch 128 in the yamls; 3 epochs at batch 32 here (~140 steps), so one
+     run takes ~5-10 s on a CPU.
+  8. Depth: the yamls prompt 4 of CLIP's 12 layers; the tiny towers have 3 blocks, we prompt 2.
+  9. MAP-style baseline: MAP (ViLT) prepends input-level prompts that accumulate across layers and
+     has no memory, gate or auxiliary loss; ours keeps AOEPT's insertion (replaced at each of the
+     first `depth` layers, stripped) so that the comparison isolates memory + gate + auxiliary
+     loss. Four missing cases (complete, no audio, no video, neither); the last never occurs in
+     MAP's protocol.
+
+Dimension key: B batch, N tokens (N_a audio, N_v video), D width, C classes (logits (B, C)).
+Following the public code, K is the memory size (n_clusters), not the class count, and L is the
+prompt length; layers are indexed l < depth (prompted) out of the towers' blocks. H heads of the
+parameter-free attention, d_h = D / H; n = training samples that have a modality.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Hyper-parameters (embedded benchmark defaults; the source of each is on its line)
+# ----------------------------------------------------------------------------------------------
+PROMPT_LEN = 6  # L tokens per prompt: public code AOEPT_CLIP_Food101_*.yaml (L 5-16 across datasets)
+# DEVIATION: the yamls prompt 4 of CLIP's 12 layers; the tiny towers have 3 blocks, we prompt 2.
+DEPTH = 2  # prompted layers (prompt_depth)
+N_CLUSTERS = 256  # K memory centres per layer: script/run_aoept.sh default n_clusters
+SAMPLES_PER_CLUSTER = 8  # ours: K = min(N_CLUSTERS, n // 8) when the data is small (Deviation 4)
+KMEANS_N_INIT = 10  # restarts, best inertia kept: preprocess/cluster_tokens.py
+KMEANS_MAX_ITER = 300  # Lloyd iterations per restart: preprocess/cluster_tokens.py
+KMEANS_TOL = 1e-4  # stop when the squared centre shift <= tol * mean feature variance: sklearn's default
+KMEANS_SEED = 42  # cluster_tokens.py --random_state default
+ATTN_HEADS = 8  # heads of the parameter-free attention: AOEPT_CLIP_model.py attn_num_heads default
+REDUCTION = 16  # gate MLP bottleneck D'/16: yamls reduction_ratio
+INIT_STD = 0.02  # queries (and MAP prompts) ~ N(0, 0.02^2): AOEPT_CLIP_model.py
+LOGIT_SCALE_INIT = math.log(100.0)  # InfoNCE logit scale s0 = ln 100 = 4.6052: AOEPT_CLIP_model.py
+AUX_WEIGHT = 0.05  # L = L_task + 0.05 L_aux: yamls loss_alpha
+RANDOM_MEMORY = 32  # memory rows when a modality is absent from every training sample: N in the yamls
+GRAD_CLIP = 5.0  # max gradient norm: core/train.py
+# DEVIATION: the yamls train 20 epochs at batch 128; we train 3 at batch 32 (~140 steps) so that a
+# run takes ~5-10 s on a CPU. train.py's AdamW + OneCycleLR (10% warm-up, cosine) stands in for
+# the public cosine decay with 10% linear warm-up; no early stopping on a validation split.
+EPOCHS = 3  # yamls num_epoch: 20
+LR = 1e-2  # peak learning rate, AdamW: yamls (Food101, HateMemes; MM-IMDb 2e-2)
+WEIGHT_DECAY = 2e-2  # yamls (Food101, HateMemes; MM-IMDb 1e-4)
+BATCH_SIZE = 32  # yamls batch_size: 128
+
+# The module interface train.py expects (see its docstring).
+VARIANTS = {
+    "aoept": {},
+    "no_instantiation": {"gate": False},  # "w/o instantiation": the same MCP for every sample
+    "map": {"memory": False, "gate": False, "per_case": True, "aux_weight": 0.0},  # MAP-style baseline
+}
+PROTOCOLS = ("map",)  # AOEPT reports MAP's protocol: the same missing type and rate in train and test
+
+
+# ----------------------------------------------------------------------------------------------
+# Small operations, one per step of the pipeline (float-agnostic, no globals)
+# ----------------------------------------------------------------------------------------------
+def token_mean(x, n_prompt=0):
+    """Mean-pooled features with the first n_prompt (prompt) positions excluded. x: (B, N, D) -> (B, D)."""
+    return x[:, n_prompt:].mean(dim=1)
+
+
+def kmeans_pp_init(x, k, generator):
+    """k-means++ seeding: each next centre drawn with probability ~ squared distance to the nearest
+    chosen one. x: (n, D) -> (k, D). `generator` is a CPU torch.Generator."""
+    n = x.shape[0]
+    idx = [int(torch.randint(n, (1,), generator=generator))]
+    d2 = (x - x[idx[0]]).pow(2).sum(dim=1)  # (n,) squared distance to the nearest centre
+    for _ in range(1, k):
+        total = d2.sum()
+        probs = d2 / total if total > 0 else torch.ones_like(d2)  # all points on centres: uniform
+        i = int(torch.multinomial(probs.detach().double().cpu(), 1, generator=generator))
+        idx.append(i)
+        d2 = torch.minimum(d2, (x - x[i]).pow(2).sum(dim=1))
+    return x[idx].clone()  # (k, D)
+
+
+def kmeans(x, k, n_init=KMEANS_N_INIT, max_iter=KMEANS_MAX_ITER, tol=KMEANS_TOL, seed=KMEANS_SEED):
+    """Lloyd's K-means, k-means++ seeding, best of n_init restarts by inertia. x: (n, D) -> centres (k, D)."""
+    g = torch.Generator().manual_seed(seed)
+    tol_abs = tol * x.var(dim=0, unbiased=False).mean()  # sklearn: tol relative to the data's variance
+    best, best_inertia = None, math.inf
+    for _ in range(n_init):
+        c = kmeans_pp_init(x, k, g)  # (k, D)
+        for _ in range(max_iter):
+            assign = torch.cdist(x, c).argmin(dim=1)  # (n,) nearest centre
+            sums = torch.zeros_like(c).index_add_(0, assign, x)  # (k, D)
+            counts = torch.bincount(assign, minlength=k).to(x.dtype)  # (k,)
+            # Step distil: each centre moves to the mean of its points
+            # DEVIATION: sklearn (greedy k-means++) moves an empty cluster to a far point; ours
+            # (plain k-means++) keeps its centre
+            new = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
+            shift = (new - c).pow(2).sum()
+            c = new
+            if shift <= tol_abs:
+                break
+        inertia = torch.cdist(x, c).pow(2).min(dim=1).values.sum().item()
+        if inertia < best_inertia:
+            best, best_inertia = c, inertia
+    return best
+
+
+def n_clusters(n, k_max=N_CLUSTERS, samples_per_cluster=SAMPLES_PER_CLUSTER):
+    """K for n collected samples: the published 256, fewer when the data is small."""
+    # DEVIATION: the public script asks for K = 256 (cluster_tokens.py caps it at n); with ~1,000
+    # samples at width 64 that is one centre per four samples, so we use min(256, n // 8).
+    return max(1, min(k_max, n // samples_per_cluster))
+
+
+def param_free_attention(q, c, num_heads):
+    """Attn(Q, C, C): multi-head scaled dot-product attention with NO projections (heads are
+    channel slices). q: (..., L, D), c: (..., K, D) -> (..., L, D)."""
+    d_h = q.shape[-1] // num_heads
+    q_h = q.unflatten(-1, (num_heads, d_h)).transpose(-3, -2)  # (..., H, L, d_h)
+    c_h = c.unflatten(-1, (num_heads, d_h)).transpose(-3, -2)  # (..., H, K, d_h)
+    # Step construct: softmax(Q_h C_h^T / sqrt(d_h)) C_h, keys = values = the memory
+    attn = (q_h @ c_h.transpose(-2, -1) / math.sqrt(d_h)).softmax(dim=-1)  # (..., H, L, K)
+    return (attn @ c_h).transpose(-3, -2).flatten(-2)  # (..., L, D)
+
+
+def modal_contextualized_prompt(query, memory, norm, num_heads):
+    """P^l_m = LN_m(Attn(Q^l_m, C^l_m, C^l_m) + Q^l_m). query (L, D), memory (K, D), norm a callable -> (L, D)."""
+    # Step construct: attention over the memory, residual, LayerNorm (shared across layers per modality)
+    return norm(param_free_attention(query, memory, num_heads) + query)
+
+
+def instance_gate(gate_logits, other_present):
+    """g = sigmoid(MLP(c_{m'})) where the conditioning modality m' is present, exactly 1 where it is
+    missing. gate_logits: (B, D), other_present: (B,) bool -> (B, D)."""
+    # Step instantiate: per-sample channel gate, forced to 1 when m' is missing
+    return torch.where(other_present[:, None], torch.sigmoid(gate_logits), torch.ones_like(gate_logits))
+
+
+def info_nce(prompt_mean, feat, present, logit_scale):
+    """In-batch InfoNCE between prompt means and DETACHED features over the samples where the
+    modality is present. prompt_mean, feat: (B, D); present: (B,) bool; logit_scale: scalar s
+    (logits scaled by exp(s)). -> scalar, or None when fewer than 2 samples are present."""
+    idx = torch.nonzero(present).flatten()  # (n,)
+    if idx.numel() < 2:
+        return None
+    p = F.normalize(prompt_mean[idx], dim=-1)  # (n, D)
+    f = F.normalize(feat[idx].detach(), dim=-1)  # (n, D), stop-gradient on the feature side
+    # Step auxiliary: CE(exp(s) * cos(p_i, f_j), j = i), in-batch negatives
+    logits = logit_scale.exp() * p @ f.t()  # (n, n)
+    return F.cross_entropy(logits, torch.arange(len(idx), device=logits.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model surgery: prompts around the frozen CAV-MAE towers
+# ----------------------------------------------------------------------------------------------
+class PromptGate(nn.Module):
+    """MLP^l_m: Linear(D', D'/16) - ReLU - Linear(D'/16, D_m) -> gate logits (public code module.py).
+
+    Default PyTorch init: the public code's zero-init is commented out, so gates start near 0.5.
+    """
+
+    def __init__(self, dim_in, dim_out, reduction=REDUCTION):
+        super().__init__()
+        hidden = max(1, dim_in // reduction)
+        self.net = nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(), nn.Linear(hidden, dim_out))
+
+    def forward(self, c):
+        return self.net(c)  # (B, D_m) logits; the sigmoid and the missing rule are in instance_gate
+
+
+class AOEPT(nn.Module):
+    """A frozen CAVMAE with deep prompts in both towers. model(batch) -> logits (B, C).
+
+    memory: MCPs from the frozen K-means memory (else plain learnable prompts, MAP-style);
+    gate: per-sample instantiation from the other modality; per_case: one prompt set per missing
+    case (MAP); aux_weight: weight of the auxiliary InfoNCE (0 switches it off).
+    """
+
+    MODALITIES = ("a", "v")
+
+    def __init__(self, backbone, prompt_len=PROMPT_LEN, depth=DEPTH, memory=True, gate=True,
+                 per_case=False, aux_weight=AUX_WEIGHT, num_heads=ATTN_HEADS, reduction=REDUCTION):
+        super().__init__()
+        if not 1 <= depth <= len(backbone.blocks_a):
+            raise ValueError(f"depth {depth} must be between 1 and the towers' {len(backbone.blocks_a)} blocks")
+        if memory and per_case:
+            raise ValueError("per_case prompts are the MAP-style baseline; use them with memory=False")
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        D = backbone.embed_dim
+        self.prompt_len, self.depth, self.num_heads = prompt_len, depth, num_heads
+        self.use_memory, self.use_gate, self.per_case, self.aux_weight = memory, gate, per_case, aux_weight
+        # DEVIATION: the public code's default also adds L "shared" prompt tokens per layer from a
+        # shared bottleneck query (use_shared_prompt); left out to keep to the three named steps.
+        if memory:
+            # Step construct: learnable queries Q^l_m (depth, L, D) and one LayerNorm per modality
+            self.query = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D))
+                                           for m in self.MODALITIES})
+            self.prompt_norm = nn.ModuleDict({m: nn.LayerNorm(D) for m in self.MODALITIES})
+            # Step distil: the frozen memory C_m (depth, K, D), a buffer filled by `prepare`
+            self.register_buffer("memory_a", torch.empty(0))
+            self.register_buffer("memory_v", torch.empty(0))
+        else:
+            # DEVIATION: MAP's input-level prompts accumulate across ViLT's layers; the MAP-style
+            # baseline keeps AOEPT's insertion so that only memory, gate and L_aux differ.
+            shape = (4, depth, prompt_len, D) if per_case else (depth, prompt_len, D)  # 4 missing cases
+            self.prompts = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(*shape)) for m in self.MODALITIES})
+        if gate:
+            # Step instantiate: gate_a reads the video features, gate_v the audio features
+            self.gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D, D, reduction) for _ in range(depth)])
+                                       for m in self.MODALITIES})
+        if aux_weight > 0:
+            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        # DEVIATION: the public code trains a fresh classifier (+ CLIP's final norms/projections);
+        # CAV-MAE's mlp_head (LayerNorm + Linear) is trained on this task, so we fine-tune a copy.
+        self.head = copy.deepcopy(backbone.mlp_head).requires_grad_(True)
+
+    def set_memory(self, memory_a, memory_v):
+        """Install the distilled memories (depth, K_m, D); they stay frozen buffers."""
+        self.memory_a, self.memory_v = memory_a.detach().clone(), memory_v.detach().clone()
+
+    def base_prompts(self, has_a, has_v):
+        """The prompts before instantiation: {m: (depth, B or 1, L, D)}."""
+        if self.use_memory:
+            if self.memory_a.numel() == 0:
+                raise RuntimeError("the AOEPT memory is empty: run aoept.prepare(model, train_loader, device) first.")
+            memory = {"a": self.memory_a, "v": self.memory_v}
+            return {m: modal_contextualized_prompt(self.query[m], memory[m], self.prompt_norm[m], self.num_heads)
+                    .unsqueeze(1) for m in self.MODALITIES}  # (depth, 1, L, D): the same for every sample
+        if self.per_case:
+            # MAP: the prompt set of the sample's missing case (0 complete, 1 no audio, 2 no video, 3 neither)
+            case = (~has_a).long() + 2 * (~has_v).long()  # (B,)
+            return {m: self.prompts[m][case].transpose(0, 1) for m in self.MODALITIES}  # (depth, B, L, D)
+        return {m: self.prompts[m].unsqueeze(1) for m in self.MODALITIES}
+
+    def forward(self, batch, return_aux=False):
+        """batch dict -> logits (B, C); with return_aux also the auxiliary loss (scalar tensor)."""
+        bb, L = self.backbone, self.prompt_len
+        x = {"a": bb.embed_audio(batch["audio"]), "v": bb.embed_video(batch["video"])}  # (B, N_a, D), (B, N_v, D)
+        B = x["a"].shape[0]
+        ones = torch.ones(B, dtype=torch.bool, device=x["a"].device)
+        present = {"a": batch.get("has_audio", ones), "v": batch.get("has_video", ones)}  # (B,) each
+        other = {"a": "v", "v": "a"}
+        blocks = {"a": bb.blocks_a, "v": bb.blocks_v}
+        base = self.base_prompts(present["a"], present["v"])
+        n_p = 0  # prompt positions at the front of each sequence
+        prompt_means, feats = [], []  # for the auxiliary loss: (modality, (B, D)) per prompted layer
+        for l in range(len(bb.blocks_a)):
+            if l < self.depth:
+                # the gate sources: each tower's token mean entering layer l (= after layer l-1)
+                # DEVIATION: the public CLIP code gates vision at layer i with text AFTER layer i
+                # (text runs first); we use the previous layer for both towers, symmetrically.
+                c = {m: token_mean(x[m], n_p) for m in self.MODALITIES}  # (B, D) each
+                prompts = {}
+                for m in self.MODALITIES:
+                    p = base[m][l].expand(B, -1, -1)  # (B, L, D)
+                    if self.use_gate:
+                        # Step instantiate: g^l_{m,i} = sigmoid(MLP^l_m(c^{l-1}_{m',i})), 1 where m' is missing
+                        g = instance_gate(self.gate[m][l](c[other[m]]), present[other[m]])  # (B, D)
+                        # Step instantiate: P^l_{m,i} = P^l_m * g^l_{m,i}
+                        p = p * g.unsqueeze(1)  # (B, L, D)
+                    prompts[m] = p
+                # Step insert: the gated prompts REPLACE the previous layer's prompt outputs
+                x = {m: torch.cat([prompts[m], x[m][:, n_p:]], dim=1) for m in self.MODALITIES}  # (B, L + N_m, D)
+                n_p = L
+            x = {m: blocks[m][l](x[m]) for m in self.MODALITIES}
+            if l < self.depth:
+                for m in self.MODALITIES:
+                    prompt_means.append((m, prompts[m].mean(dim=1)))  # (B, D) token mean of the gated prompt
+                    feats.append(token_mean(x[m], n_p))  # (B, D) m's features after layer l
+        # Step insert: strip the prompts before the frozen unified block
+        feat = bb.fuse(x["a"][:, n_p:], x["v"][:, n_p:])  # (B, D)
+        logits = self.head(feat)  # (B, C)
+        if not return_aux:
+            return logits
+        return logits, self.aux_loss(prompt_means, feats, present)
+
+    def aux_loss(self, prompt_means, feats, present):
+        """L_aux: InfoNCE averaged over the (layer, modality) terms that have >= 2 present samples."""
+        zero = self.head[1].weight.new_zeros(())
+        if self.aux_weight <= 0:
+            return zero
+        terms = [info_nce(p, f, present[m], self.logit_scale) for (m, p), f in zip(prompt_means, feats)]
+        terms = [t for t in terms if t is not None]
+        # Step auxiliary: L_aux = mean over the (layer, modality) terms
+        return torch.stack(terms).mean() if terms else zero
+
+
+def build(backbone, **kw):
+    """A frozen CAVMAE (train.py passes a frozen deep copy) -> the prompted model of one variant."""
+    return AOEPT(backbone, **kw)
+
+
+def collect_params(model):
+    """What trains: queries, prompt LayerNorms (or MAP prompts), gate MLPs, logit scale, head.
+    Never the backbone, never the memory (a buffer)."""
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    return [p for _, p in named], [n for n, _ in named]
+
+
+# ----------------------------------------------------------------------------------------------
+# Collect and distil (before training)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def collect(backbone, loader, depth, device):
+    """collect: frozen pass, no prompts; the token mean entering each of the first `depth` blocks,
+    per modality, only over samples that have it -> {m: (n_m, depth, D)}."""
+    backbone.eval()
+    out = {"a": [], "v": []}
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x = {"a": backbone.embed_audio(batch["audio"]), "v": backbone.embed_video(batch["video"])}
+        B = x["a"].shape[0]
+        ones = torch.ones(B, dtype=torch.bool, device=device)
+        present = {"a": batch.get("has_audio", ones), "v": batch.get("has_video", ones)}
+        blocks = {"a": backbone.blocks_a, "v": backbone.blocks_v}
+        for m in ("a", "v"):
+            means = []
+            for l in range(depth):
+                # Step collect: c^l_{m,i} = mean_n h^l_{m,i,n}, h^l the tokens entering block l
+                means.append(token_mean(x[m]))  # (B, D)
+                x[m] = blocks[m][l](x[m])
+            out[m].append(torch.stack(means, dim=1)[present[m]])  # (n_batch, depth, D), missing skipped
+    D = backbone.embed_dim
+    return {m: torch.cat(v) if v else torch.empty(0, depth, D, device=device) for m, v in out.items()}
+
+
+@torch.no_grad()
+def distil(feats, seed=KMEANS_SEED):
+    """distil: per-layer K-means of the collected means. feats (n, depth, D) -> memory (depth, K, D)."""
+    n, depth, D = feats.shape
+    if n == 0:
+        # the public code's fallback when a modality was never observed: N random tokens
+        g = torch.Generator().manual_seed(seed)
+        return (INIT_STD * torch.randn(depth, RANDOM_MEMORY, D, generator=g)).to(feats)
+    k = n_clusters(n)
+    return torch.stack([kmeans(feats[:, l], k, seed=seed) for l in range(depth)])  # (depth, K, D)
+
+
+def prepare(model, loader, device):
+    """Collect + distil over the (missing-masked) training split into the model's frozen memory."""
+    if not model.use_memory:
+        return  # the MAP-style baseline has no memory
+    feats = collect(model.backbone, loader, model.depth, device)
+    model.set_memory(distil(feats["a"]), distil(feats["v"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------
+def train_step(model, batch, optimizer):
+    """Forward, L = L_task + alpha L_aux, zero_grad / backward / clip / step. -> (logits, losses)."""
+    logits, aux = model(batch, return_aux=True)  # (B, C), scalar
+    task = F.cross_entropy(logits, batch["label"])
+    # Step total: L = L_task + 0.05 L_aux
+    total = task + model.aux_weight * aux
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(collect_params(model)[0], GRAD_CLIP)
+    optimizer.step()
+    return logits.detach(), {"task": task.item(), "aux": aux.item(), "total": total.item()}
+
+
+class PromptTuner(nn.Module):
+    """Model + optimiser (tent style): forward(batch) is one training step and returns its logits;
+    reset() puts the trainable parameters and the optimiser back where they started."""
+
+    def __init__(self, model, optimizer):
+        super().__init__()
+        self.model, self.optimizer = model, optimizer
+        self.start = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+
+    def forward(self, batch):
+        return train_step(self.model, batch, self.optimizer)[0]
+
+    def reset(self):
+        self.model.load_state_dict(self.start[0])
+        self.optimizer.load_state_dict(self.start[1])
