@@ -14,6 +14,7 @@ import data
 import train
 from common import CAVMAE
 from test_data import make_read_layout
+from conftest import changed_keys
 
 F64 = dict(dtype=torch.float64)
 LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 1.5, 0.0]], **F64)
@@ -145,17 +146,6 @@ def test_published_settings(dataset, modality, k, w_attn, bs):
 
 
 # ---------------------------------------------------------------------------- freezing, reset, prediction
-@pytest.fixture
-def tiny_batch():
-    g = torch.Generator().manual_seed(0)
-    return {"audio": torch.randn(8, 128, 64, generator=g), "video": torch.randn(8, 3, 64, 64, generator=g),
-            "label": torch.arange(8) % 10}
-
-
-def changed_keys(before, model):
-    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
-
-
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_updates_exactly_qkv_and_resets(tiny_batch, use_cache):
     torch.manual_seed(0)

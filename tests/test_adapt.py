@@ -13,6 +13,7 @@ import data
 import train
 from common import CAVMAE
 from test_data import make_read_layout
+from conftest import changed_keys
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 1.5, 0.0]], dtype=torch.float64)
 
@@ -47,17 +48,6 @@ def test_read_confidence_threshold_direction():
 
 
 # ---------------------------------------------------------------------------- freezing and reset
-@pytest.fixture
-def tiny_batch():
-    g = torch.Generator().manual_seed(0)
-    return {"audio": torch.randn(8, 128, 64, generator=g), "video": torch.randn(8, 3, 64, 64, generator=g),
-            "label": torch.arange(8) % 10}
-
-
-def changed_keys(before, model):
-    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
-
-
 @pytest.mark.parametrize("name", ["tent", "read"])
 def test_baseline_updates_exactly_its_parameters_and_resets(name, tiny_batch):
     torch.manual_seed(0)
