@@ -123,6 +123,7 @@ def head_mean(attn_logits):
 def attention_blocks(scores, n_audio):
     """The four blocks of S (B, N, N), audio tokens first: aa (B, N_a, N_a), vv (B, N_v, N_v),
     av (B, N_a, N_v) = audio queries on video keys, va (B, N_v, N_a) = video queries on audio keys."""
+    # Eq. (STAT) S_aa = S[:, :N_a, :N_a], S_vv = S[:, N_a:, N_a:], S_av = S[:, :N_a, N_a:], S_va = S[:, N_a:, :N_a]
     return {"aa": scores[:, :n_audio, :n_audio], "vv": scores[:, n_audio:, n_audio:],
             "av": scores[:, :n_audio, n_audio:], "va": scores[:, n_audio:, :n_audio]}
 

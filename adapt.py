@@ -42,6 +42,7 @@ import train
 # ----------------------------------------------------------------------------------------------
 def softmax_entropy(logits):
     """Shannon entropy of softmax(logits) per sample: -sum_k p_k log p_k. (B, K) -> (B,)."""
+    # Tent's loss: H(p) = -sum_k p_k log p_k
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
@@ -55,7 +56,7 @@ def read_confidence_loss(logits, gamma=math.exp(-1)):
 def read_balance_loss(logits):
     """READ Eq. 7: c_k = sum_i p_ik, s = softmax(c), L_bal = sum_k s_k log s_k (minus the entropy of s)."""
     c = logits.softmax(1).sum(0)  # (K,)
-    # Eq. (7)
+    # Eq. (7) L_bal = sum_k s_k log s_k, s = softmax(sum_i p_i)
     return (c.softmax(0) * c.log_softmax(0)).sum()
 
 
@@ -193,14 +194,27 @@ def test_set(args, model, corruption):
     return data.read_layout_split(args.data_root, args.label_csv, model, vc, ac, args.severity)
 
 
+def source_json(args):
+    """The clean training list of the READ layout (public BriMPR code: <root>/clean/train.json)."""
+    return args.source_json or os.path.join(args.data_root, "clean", "train.json")
+
+
 def source_batch_fn(args, model, device):
     """ctx.source_batch(n, seed): n random clean training clips (BriMPR's source statistics)."""
     def source_batch(n, seed=0):
         if args.data == "embedded":
             ds = data.embedded_split("train", model, seed=args.data_seed)
         else:
-            path = args.source_json or data.read_layout_json(args.data_root, None, None, 0)
+            path = source_json(args)
+            if not os.path.isfile(path):
+                raise data.DataError(f"{path} does not exist: this method needs clean training clips for its source "
+                                     f"statistics; pass a READ-format training list with --source-json.")
             ds = data.ReadLayoutDataset(path, args.label_csv, model.mel_bins, model.audio_length, model.image_size)
+        if len(ds) < 2:
+            raise data.DataError(f"the source list has {len(ds)} usable clip(s); source statistics need at least 2 "
+                                 f"({n} by default); pass a larger clean training list with --source-json.")
+        if len(ds) < n:
+            tqdm.write(f"[source] only {len(ds)} clean clips for the source statistics ({n} asked for)")
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
         return data.to_device(torch.utils.data.default_collate([ds[int(i)] for i in idx]), device)
     return source_batch
@@ -230,11 +244,18 @@ def run(args):
     dataset = args.dataset or ("embedded" if args.data == "embedded" else None)
     if dataset is None:
         raise ValueError("--data read needs --dataset ks50 or vggsound (it picks the papers' per-dataset settings).")
-    bs = args.batch_size or (method.BATCH_SIZE[dataset] if isinstance(method.BATCH_SIZE, dict) else method.BATCH_SIZE)
+    num_classes = data.EMBEDDED["num_classes"] if args.data == "embedded" else len(data.read_label_csv(args.label_csv))
+    if model.num_classes != num_classes:
+        raise ValueError(f"the checkpoint has {model.num_classes} classes but the data has {num_classes}; "
+                         f"use the checkpoint trained on this dataset.")
+    bs = args.batch_size
+    if bs is None:
+        bs = method.BATCH_SIZE[dataset] if isinstance(method.BATCH_SIZE, dict) else method.BATCH_SIZE
     ckpt = args.checkpoint or train.default_checkpoint("embedded", args.config or "tiny")
     ctx = SimpleNamespace(dataset=dataset, modality=args.modality, num_classes=model.num_classes, device=device,
                           continual=args.continual, cache_prefix=os.path.splitext(ckpt)[0],
                           data_seed=args.data_seed, use_cache=args.use_cache,
+                          source_id="embedded" if args.data == "embedded" else os.path.abspath(source_json(args)),
                           source_batch=source_batch_fn(args, model, device))
     source = Source(model)
     adapter = method.setup(copy.deepcopy(model), ctx)
@@ -271,8 +292,6 @@ def run(args):
             bar.set_postfix({**shown, **{k: f"{v:.3f}" for k, v in adapter.losses.items()}})
         acc[corruption]["source"].append(float(np.mean(accs_s)))
         acc[corruption][args.method].append(float(np.mean(accs_m)))
-        if not args.continual:  # in a continual stream the next corruption follows without a reset
-            sets.pop(corruption)
         tqdm.write(f"{corruption:<32} seed {seed}: source {np.mean(accs_s):5.1f}  {args.method} {np.mean(accs_m):5.1f}")
 
     if args.continual:  # one stream per seed through every corruption type, reset only at the start
@@ -285,14 +304,16 @@ def run(args):
             for seed in args.seeds:
                 common.seed_everything(seed)
                 stream(c, seed, reset=True)
+            sets.pop(c)  # the corrupted set is the same for every seed; free it once they are done
 
     wall = time.time() - t_start
     columns = ["source", args.method] if paired else ["source"]
     print(results_table(acc, columns, len(args.seeds)))
     ratio = time_method / time_src if paired and time_src > 0 else float("nan")
-    print(f"{n_samples} samples in {wall:.1f} s ({n_samples / wall:.1f} samples/s); per batch of {bs}: "
-          f"source forward {1000 * time_src / n_batches:.1f} ms, {args.method} "
-          f"{1000 * time_method / n_batches:.1f} ms ({ratio:.2f}x)")
+    timing = (f"source forward {1000 * time_src / n_batches:.1f} ms, {args.method} "
+              f"{1000 * time_method / n_batches:.1f} ms ({ratio:.2f}x)") if paired else \
+        f"source forward {1000 * time_method / n_batches:.1f} ms"
+    print(f"{n_samples} samples in {wall:.1f} s ({n_samples / wall:.1f} samples/s); per batch of {bs}: {timing}")
     out = args.results or os.path.join(train.RESULTS_DIR, f"adapt_{args.method}_{args.modality}.json")
     summary = {c: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for k, v in d.items()}
                for c, d in acc.items()}
@@ -339,8 +360,8 @@ def build_parser():
                    help="picks the papers' per-dataset hyper-parameters (default: embedded)")
     p.add_argument("--data-root", default=None, help="READ layout: folder with clean/, video/, audio/ JSON lists")
     p.add_argument("--label-csv", default=None, help="READ layout: class_labels_indices CSV")
-    p.add_argument("--source-json", default=None, help="READ layout: clean training list for source statistics "
-                                                       "(default: <data-root>/clean/severity_0.json)")
+    p.add_argument("--source-json", default=None, help="READ layout: clean training list for BriMPR's source "
+                                                       "statistics (default: <data-root>/clean/train.json)")
     p.add_argument("--checkpoint", default=None, help="source checkpoint (default: checkpoints/embedded_<config>.pt, "
                                                       "trained on the fly if missing)")
     p.add_argument("--config", default=None, choices=list(common.CONFIGS),
@@ -359,6 +380,21 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.data == "read" and not (args.data_root and args.label_csv):
         sys.exit("error: --data read needs --data-root (the folder with clean/, video/, audio/) and --label-csv.")
+    if args.data == "read" and (args.frost_dir or args.noise_dir):
+        sys.exit("error: --frost-dir and --noise-dir apply to --data embedded only (READ's files are corrupted already).")
+    if args.batch_size is not None and args.batch_size < 1:
+        sys.exit(f"error: --batch-size must be at least 1, not {args.batch_size}.")
+    if args.frost_dir and not os.path.isdir(args.frost_dir):
+        sys.exit(f"error: --frost-dir {args.frost_dir} is not a folder; pass a folder of frost photographs (jpg/png).")
+    if args.noise_dir:
+        try:
+            kinds = {c.split("+")[-1] for c in corruption_list(args.modality, args.corruption)} & set(data.AUDIO_CORRUPTIONS[1:])
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        missing = sorted(k for k in kinds if not os.path.isfile(os.path.join(args.noise_dir, f"{k}.wav")))
+        if args.modality != "video" and missing:
+            sys.exit(f"error: --noise-dir {args.noise_dir} has no {missing[0]}.wav; it needs <kind>.wav for "
+                     f"{', '.join(sorted(kinds))}.")
     try:
         return run(args)
     except (common.CheckpointError, data.DataError, ValueError, FileNotFoundError) as e:

@@ -106,7 +106,8 @@ STATS_VERSION = 1  # format of the cached source statistics; bump when their def
 # ----------------------------------------------------------------------------------------------
 def batch_statistics(z):
     """Per-dimension mean and unbiased std over the batch. z: (B, ..., D) -> (mean, std), each (..., D)."""
-    std, mean = torch.std_mean(z, dim=0)  # unbiased (B - 1), as torch.std_mean in the public code
+    # Eq. (4) mu = (1/B) sum_b Z_b,  sigma = sqrt( sum_b (Z_b - mu)^2 / (B - 1) )  (unbiased, as the public code)
+    std, mean = torch.std_mean(z, dim=0)
     return mean, std
 
 
@@ -183,6 +184,7 @@ def soft_cross_entropy(student_logits, teacher_logits, temperature):
     """
     # Eq. (6) y_hat^{av} = softmax(h(Z^{av}) / AdaTp), stop-gradient
     y_hat = (teacher_logits.detach() / temperature).softmax(dim=1)  # (B, K)
+    # Eq. (7) CE(y_hat, y) = -sum_k y_hat_k log y_k, y = softmax(student logits)
     return -(y_hat * student_logits.log_softmax(dim=1)).sum(dim=1)
 
 
@@ -255,8 +257,9 @@ class PromptedCAVMAE(nn.Module):
         """
         bb = self.backbone
         blocks = bb.blocks_a if modality == "a" else bb.blocks_v
-        # from the public code: layer i's feature is pooled after the NEXT block's frozen norm1
-        # (the unified block's norm1 after the last layer); the paper pools the raw output.
+        # DEVIATION: the paper pools layer i's raw output; the public code pools it after the NEXT
+        # block's frozen norm1 (the unified block's norm1 after the last layer); we follow the code,
+        # whose numbers the paper reports.
         next_norm1 = [blk.norm1 for blk in blocks[1:]] + [bb.blocks_u[0].norm1]
         prompts = self.prompts(modality) if prompted else None
         feats = []
@@ -279,7 +282,9 @@ class PromptedCAVMAE(nn.Module):
             shared = blk(shared)  # shared norms, as in the multimodal path
         shared = bb.norm(shared).mean(dim=1)  # (B, D)
         own = bb.fuse_single(z, modality)  # the modality's own norms, then norm_u: (B, D)
-        # from the public code: the two passes are averaged; the paper describes one unimodal pass
+        # DEVIATION: the paper describes one unimodal pass; the public code averages the shared-norm and
+        # the modality-norm passes; we follow the code, whose numbers the paper reports.
+        # Eq. (8) Z^u = (Psi_shared(z_u) + Psi_u(z_u)) / 2, each token-mean pooled
         return (shared + own) / 2
 
     @torch.no_grad()
@@ -333,10 +338,11 @@ def model_fingerprint(model):
 
 def load_or_compute_source_statistics(model, ctx, n=NUM_SOURCE_SAMPLES, seed=SOURCE_SEED):
     """The source statistics of `model` (a PromptedCAVMAE), from f'{ctx.cache_prefix}.brimpr_source_stats.pt'
-    when that file was made from the same weights (a hash), data set, data seed (if ctx has one),
+    when that file was made from the same weights (a hash), data set, data seed and source list (if ctx has them),
     n and seed; else computed from ctx.source_batch(n, seed) and written there."""
     key = {"version": STATS_VERSION, "fingerprint": model_fingerprint(model.backbone),
-           "dataset": str(ctx.dataset), "data_seed": getattr(ctx, "data_seed", None), "n": n, "seed": seed}
+           "dataset": str(ctx.dataset), "data_seed": getattr(ctx, "data_seed", None),
+           "source": getattr(ctx, "source_id", None), "n": n, "seed": seed}
     path = f"{ctx.cache_prefix}.brimpr_source_stats.pt" if getattr(ctx, "cache_prefix", None) else None
     device = model.prompts_a.device
     if path and os.path.isfile(path):
@@ -348,10 +354,13 @@ def load_or_compute_source_statistics(model, ctx, n=NUM_SOURCE_SAMPLES, seed=SOU
             return {m: {s: t.to(device) for s, t in d.items()} for m, d in cached["stats"].items()}
     stats = source_statistics(model, ctx.source_batch(n, seed))
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         cpu = {m: {s: t.cpu() for s, t in d.items()} for m, d in stats.items()}
-        torch.save({"key": key, "stats": cpu}, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            torch.save({"key": key, "stats": cpu}, f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+        except OSError as err:  # a read-only folder: go on without the cache
+            print(f"[brimpr] could not cache the source statistics at {path} ({err}); continuing without")
     return stats
 
 
@@ -365,6 +374,9 @@ def forward_and_adapt(model, batch, optimizer, src, tau, mask_ratio=MASK_RATIO, 
         (Disc_a, Disc_v) floats).
     """
     bb = model.backbone
+    if batch["audio"].shape[0] < 2:
+        # DEVIATION: no unbiased std from one clip (paper silent): predict, do not update.
+        return model.predict(batch["audio"], batch["video"]), {}, (float("nan"), float("nan"))
     x_a = bb.embed_audio(batch["audio"])  # (B, N_a, D): patch + position + modality embedding
     x_v = bb.embed_video(batch["video"])  # (B, N_v, D)
     # Eq. (5) masking: each sample drops its own random half of the tokens
@@ -385,10 +397,6 @@ def forward_and_adapt(model, batch, optimizer, src, tau, mask_ratio=MASK_RATIO, 
         feat_av = bb.fuse(z_a, z_v)  # Z^{av}: (B, D)
         logits = bb.classify(feat_av)  # (B, K)
 
-    if x_a.shape[0] < 2:
-        # DEVIATION: no unbiased std from one clip (paper silent): predict, do not update.
-        return logits, {}, (float("nan"), float("nan"))
-
     # PMGFA
     disc_a = discrepancy(src["a"], f_a)  # Disc_a, scalar with gradient
     disc_v = discrepancy(src["v"], f_v)  # Disc_v
@@ -398,6 +406,7 @@ def forward_and_adapt(model, batch, optimizer, src, tau, mask_ratio=MASK_RATIO, 
     disc_j = discrepancy(src["u"], feat_av[:, None])  # Disc_J, no gradient: (B, 1, D) -> scalar
     temperature = adaptive_temperature(disc_j)
     lambda_a, lambda_v = modality_weights(disc_a, disc_v)
+    # Eq. (5) Z^{a_m v} = Psi([Phi_a(x_{a_m}); Phi_v(x_v)]),  Z^{a v_m} = Psi([Phi_a(x_a); Phi_v(x_{v_m})])
     logits_amv = bb.classify(bb.fuse(z_am, z_v))  # y^{a_m v}: (B, K)
     logits_avm = bb.classify(bb.fuse(z_a, z_vm))  # y^{a v_m}: (B, K)
     l_cmer = cmer_loss(logits_amv, logits_avm, logits, temperature, lambda_a, lambda_v)

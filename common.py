@@ -237,9 +237,13 @@ def keep_tokens(x, keep, generator=None):
 def get_device(name=None):
     """`cuda` when available, else `cpu`; `name` ('cpu', 'cuda', 'cuda:1') overrides."""
     if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise SystemExit(f"--device {name} is not a device name; use cpu, cuda or cuda:N.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
-        return torch.device(name)
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -532,8 +532,7 @@ def frost_from_dir(frost_dir, n, size, generator=None):
     if not paths:
         raise FileNotFoundError(f"No .jpg or .png frost photographs in {frost_dir}; "
                                 "put ImageNet-C's frost1.png .. frost6.jpg there or leave frost_dir unset.")
-    photos = [torchvision.io.decode_image(torchvision.io.read_file(str(p)), mode=torchvision.io.ImageReadMode.RGB)
-              for p in paths]
+    photos = [read_image(p) for p in paths]
     crop = min([FROST_CROP] + [min(p.shape[-2:]) for p in photos])
     patches = []
     for _ in range(n):  # one random photograph and crop per frame
@@ -685,6 +684,14 @@ def corrupt_video(frames, name, severity, generator=None, frost_dir=None):
     return jpeg_compression(frames, p)
 
 
+def read_image(path):
+    """A JPEG / PNG file -> uint8 (3, H, W) RGB; an unreadable file is a ValueError naming it."""
+    try:
+        return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError:
+        raise ValueError(f"{path} is not a readable JPEG/PNG image; replace or remove it.") from None
+
+
 # --- audio ---
 def read_wav(path):
     """Read a PCM WAV (8/16/24/32-bit) with the standard-library wave module: ((T,) float32 mono
@@ -693,7 +700,7 @@ def read_wav(path):
         with wave.open(str(path), 'rb') as f:
             channels, width, rate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
             raw = f.readframes(frames)
-    except wave.Error as err:
+    except (wave.Error, EOFError) as err:
         raise ValueError(f"{path} is not a PCM WAV file the wave module can read ({err}); convert it to 16-bit PCM.")
     if width == 1:
         data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
@@ -1006,13 +1013,16 @@ def read_label_csv(path):
         rows = rows[1:]  # header
     if not rows:
         raise DataError(f"label CSV {path} has no rows; expected lines `index,mid,display_name`.")
+    bad = next((r for r in rows if len(r) < 2 or not r[0].strip().isdigit()), None)
+    if bad is not None:
+        raise DataError(f"label CSV {path} has the line {','.join(bad)!r}; every line needs `index,mid[,display_name]`.")
     return {r[1].strip(): int(r[0]) for r in rows}
 
 
 def read_json_list(path):
     """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts."""
     if not os.path.isfile(path):
-        raise DataError(f"data list {path} does not exist; check --data-root / --train-json.")
+        raise DataError(f"data list {path} does not exist; check the path (or --data-root) you passed.")
     with open(path) as f:
         try:
             entries = json.load(f).get("data", [])
@@ -1045,6 +1055,10 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
         mid_to_index = read_label_csv(label_csv)
         self.items, skipped = [], []
         for e in entries:
+            lacking = [k for k in ("video_id", "wav", "video_path", "labels") if k not in e]
+            if lacking:
+                raise DataError(f"an entry of {json_path} has no {lacking[0]!r} field ({e}); READ's lists need "
+                                f"video_id, wav, video_path and labels.")
             mids = [m.strip() for m in str(e["labels"]).split(",") if m.strip()]
             unknown = [m for m in mids if m not in mid_to_index]
             if not mids or unknown:
@@ -1072,7 +1086,7 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
         wav, sr = read_wav(wav_path)
         if sr != SAMPLE_RATE:
             wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
-        image = torchvision.io.decode_image(torchvision.io.read_file(frame), mode=torchvision.io.ImageReadMode.RGB)
+        image = read_image(frame)
         return {"audio": wav_to_fbank(wav, self.mel_bins, self.target_length),
                 "video": frames_to_input(image.unsqueeze(0), self.image_size)[0],
                 "label": torch.tensor(label), "index": torch.tensor(i)}
@@ -1114,6 +1128,8 @@ def missing_masks(n, kind, rate, seed=0):
     """
     if kind not in MISSING_KINDS:
         raise ValueError(f"unknown missing kind {kind!r}; choose one of {MISSING_KINDS}")
+    if not 0 <= rate <= 1:
+        raise ValueError(f"a missing rate is a fraction in [0, 1], not {rate}")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g)
     has_a, has_v = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)

@@ -65,8 +65,11 @@ def evaluate(model, loader, device, modes=("multimodal", "audioonly", "videoonly
     n = 0
     for batch in loader:
         batch = data.to_device(batch, device)
+        z_a, z_v = model.encode(batch["audio"], batch["video"])  # each encoder once for all three paths
+        feats = {"multimodal": lambda: model.fuse(z_a, z_v), "audioonly": lambda: model.fuse_single(z_a, "a"),
+                 "videoonly": lambda: model.fuse_single(z_v, "v")}
         for m in modes:
-            correct[m] += (model(batch["audio"], batch["video"], mode=m).argmax(1) == batch["label"]).sum().item()
+            correct[m] += (model.classify(feats[m]()).argmax(1) == batch["label"]).sum().item()
         n += len(batch["label"])
     return {m: 100.0 * c / n for m, c in correct.items()}
 
@@ -75,7 +78,9 @@ def train_source(args, quiet=False):
     """Train the source model on clean data; save it; return (model, metrics)."""
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
-    epochs, lr, batch_size = args.epochs or 12, args.lr or 2e-3, args.batch_size or 64
+    epochs = 12 if args.epochs is None else args.epochs
+    lr = 2e-3 if args.lr is None else args.lr
+    batch_size = 64 if args.batch_size is None else args.batch_size
     t0 = time.time()
     if args.data == "embedded":
         model = common.CAVMAE(args.config, num_classes=data.EMBEDDED["num_classes"])
@@ -118,6 +123,9 @@ def train_source(args, quiet=False):
         metrics.update(evaluate(model, data.make_loader(val_set, 256, shuffle=False), device))
     out = args.out or default_checkpoint(args.data, args.config)
     common.save_checkpoint(out, model, data=args.data, data_seed=args.data_seed, seed=args.seed, metrics=metrics)
+    default = out == default_checkpoint(args.data, args.config)
+    write_json(os.path.join(RESULTS_DIR, "train_source.json") if default else os.path.splitext(out)[0] + ".json",
+               {"args": vars(args), "checkpoint": out, "clean_accuracy": metrics})
     if not quiet:
         print(f"saved {out}")
         print(f"clean test accuracy (%): fused {metrics.get('multimodal', float('nan')):.1f} | "
@@ -147,13 +155,15 @@ def fit(module, variant, backbone, train_set, args, device, seed, desc):
     """Build one variant on a copy of the frozen source model and train it; returns the model."""
     common.seed_everything(seed)
     model = module.build(copy_frozen(backbone), **module.VARIANTS[variant]).to(device)
-    loader = data.make_loader(train_set, args.batch_size or module.BATCH_SIZE, shuffle=True, seed=seed)
+    loader = data.make_loader(train_set, module.BATCH_SIZE if args.batch_size is None else args.batch_size,
+                              shuffle=True, seed=seed)
     if hasattr(module, "prepare"):
         module.prepare(model, data.make_loader(train_set, 256, shuffle=False), device)
     params, _ = module.collect_params(model)
-    epochs = args.epochs or module.EPOCHS
-    opt = torch.optim.AdamW(params, lr=args.lr or module.LR, weight_decay=module.WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr or module.LR, total_steps=epochs * len(loader),
+    epochs = module.EPOCHS if args.epochs is None else args.epochs
+    lr = module.LR if args.lr is None else args.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=module.WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader),
                                                 pct_start=0.1)
     bar = tqdm(total=epochs * len(loader), desc=desc, leave=False, dynamic_ncols=True)
     for _ in range(epochs):
@@ -178,6 +188,17 @@ def copy_frozen(model):
 def run_missing(args):
     """Train every variant of a method and evaluate the missing-modality protocols; table + JSON."""
     module = importlib.import_module(METHODS[args.method])
+    if args.data != "embedded":
+        raise SystemExit(f"--method {args.method} runs its protocols on the embedded benchmark only; "
+                         f"--data read is for source training.")
+    if not 0 < args.map_rate <= 1:
+        raise SystemExit(f"--map-rate is a fraction in (0, 1], e.g. 0.7 for 70%, not {args.map_rate}.")
+    bad = [v for v in (args.variants or []) if v not in module.VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant {bad[0]!r} of {args.method}; choose from {', '.join(module.VARIANTS)}.")
+    if not [p for p in module.PROTOCOLS if p in args.protocols]:
+        raise SystemExit(f"{args.method} reports only the {', '.join(module.PROTOCOLS)} protocol(s); "
+                         f"--protocols {' '.join(args.protocols)} leaves nothing to run.")
     device = common.get_device(args.device)
     backbone = load_or_train_source(args, device)
     train_full = data.embedded_split("train", backbone, seed=args.data_seed)
@@ -202,7 +223,7 @@ def run_missing(args):
                     te = data.with_missing(test_full, *data.missing_masks(len(test_full), kind, args.map_rate, seed=seed + 1))
                     model = fit(module, variant, backbone, tr, args, device, seed, f"{variant} MAP {kind} seed {seed}")
                     acc = accuracy(model, te, device)
-                    rows.setdefault(("map", f"missing-{kind} {int(args.map_rate * 100)}%"), {}).setdefault(variant, []).append(acc)
+                    rows.setdefault(("map", f"missing-{kind} {round(args.map_rate * 100)}%"), {}).setdefault(variant, []).append(acc)
                     tqdm.write(f"[{variant} seed {seed}] MAP missing-{kind}: {acc:.1f}")
     table = format_table(rows, variants, len(args.seeds))
     print(table)
@@ -227,14 +248,31 @@ def format_table(rows, variants, n_seeds):
 def load_or_train_source(args, device):
     path = args.checkpoint or default_checkpoint("embedded", args.config)
     if not os.path.isfile(path):
-        print(f"no source checkpoint at {path}: training one first (about a minute on a CPU)")
-        src_args = build_parser().parse_args(["--config", args.config, "--device", str(device), "--out", path])
+        if args.checkpoint:
+            raise SystemExit(f"--checkpoint {path} does not exist; check the path, or omit --checkpoint to train "
+                             f"the default source model.")
+        print(f"no source checkpoint at {path}: training one first (about half a minute on a CPU)")
+        src_args = build_parser().parse_args(["--config", args.config, "--device", str(device), "--out", path,
+                                              "--data-seed", str(args.data_seed)])
         train_source(src_args)
-    model, _ = common.load_checkpoint(path, device=device)
+    model, meta = common.load_checkpoint(path, device=device)
+    if model.num_classes != data.EMBEDDED["num_classes"]:
+        raise SystemExit(f"{path} has {model.num_classes} classes but the embedded benchmark has "
+                         f"{data.EMBEDDED['num_classes']}; use a checkpoint trained by `python train.py`.")
+    if meta.get("data_seed", args.data_seed) != args.data_seed:
+        raise SystemExit(f"{path} was trained on the embedded benchmark with --data-seed {meta['data_seed']}, "
+                         f"not {args.data_seed}; pass the matching --data-seed or another --checkpoint.")
     return model
 
 
 # ----------------------------------------------------------------------------------------------
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="source", choices=list(METHODS),
@@ -242,9 +280,9 @@ def build_parser():
     p.add_argument("--data", default="embedded", choices=["embedded", "read"],
                    help="embedded benchmark (generated locally) or a dataset in READ's file layout")
     p.add_argument("--config", default="tiny", choices=list(common.CONFIGS), help="model size (base = published CAV-MAE)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 12 for source, the method's EPOCHS)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: 12 for source, the method's EPOCHS)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 for source, the method's LR)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64 for source, the method's BATCH_SIZE)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: 64 for source, the method's BATCH_SIZE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the source training run")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the method runs")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the embedded benchmark")
@@ -252,7 +290,8 @@ def build_parser():
     p.add_argument("--checkpoint", default=None, help="source checkpoint the methods start from")
     p.add_argument("--results", default=None, help="results JSON (default: results/train_<method>.json)")
     p.add_argument("--variants", nargs="+", default=None, help="only these variants of the method (default: all)")
-    p.add_argument("--protocols", nargs="+", default=["inference", "map"], help="which protocols to run")
+    p.add_argument("--protocols", nargs="+", default=["inference", "map"], choices=["inference", "map"],
+                   help="which protocols to run")
     p.add_argument("--map-rate", type=float, default=0.7, help="missing rate of the MAP protocol")
     p.add_argument("--train-json", default=None, help="READ layout: training list (JSON)")
     p.add_argument("--val-json", default=None, help="READ layout: list to report accuracy on")

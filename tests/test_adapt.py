@@ -130,3 +130,23 @@ def test_runner_on_read_layout(tmp_path):
     assert set(res["accuracy"]) == {"gaussian_noise"}
     # 6 clips in batches of 4: batch accuracies are multiples of 25 and 50
     assert 0 <= res["accuracy"]["gaussian_noise"]["read"]["mean"] <= 100
+
+
+def test_runner_refuses_a_checkpoint_with_other_classes(tmp_path):
+    ckpt = tmp_path / "k50.pt"
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=50))
+    with pytest.raises(SystemExit) as e:
+        adapt.main(["--method", "source", "--checkpoint", str(ckpt), "--corruption", "contrast"])
+    assert "the checkpoint has 50 classes but the data has 10" in str(e.value)
+
+
+def test_runner_read_layout_without_training_list_for_brimpr(tmp_path):
+    make_read_layout(tmp_path, n=4)
+    ckpt = tmp_path / "tiny3.pt"
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=3))
+    with pytest.raises(SystemExit) as e:
+        adapt.main(["--method", "brimpr", "--data", "read", "--dataset", "ks50", "--data-root", str(tmp_path),
+                    "--label-csv", str(tmp_path / "labels.csv"), "--checkpoint", str(ckpt),
+                    "--corruption", "gaussian_noise", "--results", str(tmp_path / "r.json")])
+    assert "clean" in str(e.value) and "--source-json" in str(e.value)
+    assert not (tmp_path / "r.json").exists()

@@ -23,3 +23,21 @@ def test_source_training_saves_a_checkpoint_that_reproduces_its_metrics(tmp_path
 def test_read_layout_training_needs_its_lists(tmp_path):
     with pytest.raises(SystemExit, match="--train-json"):
         train.main(["--data", "read", "--out", str(tmp_path / "x.pt")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "cmpt", "--map-rate", "70"], "--map-rate is a fraction in (0, 1]"),
+    (["--method", "cmpt", "--variants", "nope"], "unknown variant 'nope' of cmpt"),
+    (["--method", "aoept", "--protocols", "inference"], "aoept reports only the map protocol"),
+    (["--method", "cmpt", "--checkpoint", "/nonexistent/typo.pt"], "--checkpoint /nonexistent/typo.pt does not exist"),
+    (["--method", "cmpt", "--data", "read"], "embedded benchmark only"),
+])
+def test_bad_arguments_end_with_one_sentence(argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert message in str(e.value)
+
+
+def test_missing_masks_reject_rates_outside_zero_one():
+    with pytest.raises(ValueError, match="fraction in"):
+        data.missing_masks(10, "audio", 7.0)
