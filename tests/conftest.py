@@ -19,3 +19,16 @@ def tiny_batch():
 def changed_keys(before, model):
     """Names of the state-dict tensors of `model` that differ from the `before` copy."""
     return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def source_stream_accuracy(corruption, batch_size, seed=1):
+    """The frozen source model's batch-averaged accuracy (%) on the shuffled video-corrupted test stream,
+    computed directly, to check the runner's paired Source column."""
+    import common, data, train
+    model, _ = common.load_checkpoint(train.default_checkpoint())
+    ds = data.embedded_split("test", model, video_corruption=corruption)
+    accs = []
+    with torch.no_grad():
+        for b in data.make_loader(ds, batch_size, shuffle=True, seed=seed):
+            accs.append(100.0 * (model(b["audio"], b["video"]).argmax(1) == b["label"]).float().mean().item())
+    return sum(accs) / len(accs)
