@@ -9,9 +9,8 @@ import torch
 
 import abpem
 import adapt
-import common
 from common import CAVMAE
-from test_data import make_read_layout
+from test_data import read_layout_argv
 from conftest import changed_keys, source_stream_accuracy
 
 F64 = dict(dtype=torch.float64)
@@ -198,13 +197,8 @@ def test_runner_end_to_end_and_paired_source(tmp_path):
 
 
 def test_runner_on_read_layout(tmp_path):
-    make_read_layout(tmp_path, n=6)
-    ckpt = tmp_path / "tiny3.pt"
-    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=3))
     out = tmp_path / "abpem.json"
-    adapt.main(["--method", "abpem", "--data", "read", "--dataset", "ks50", "--data-root", str(tmp_path),
-                "--label-csv", str(tmp_path / "labels.csv"), "--checkpoint", str(ckpt),
-                "--corruption", "gaussian_noise", "--results", str(out)])
+    adapt.main(read_layout_argv(tmp_path, "abpem") + ["--results", str(out)])
     res = json.loads(out.read_text())
     assert res["batch_size"] == 8  # Kinetics50's batch size; k = 8 is clamped to the 3 classes
     # 6 clips in one batch of 6: the accuracy is a multiple of 100 / 6

@@ -8,6 +8,7 @@ import torch
 import torchaudio
 import torchvision
 
+import common
 import data
 from common import CAVMAE
 
@@ -138,6 +139,15 @@ def make_read_layout(root, n=6, num_classes=3, missing_wav=(), only_frame_3=()):
         with open(root / sub / name, "w") as f:
             json.dump({"data": entries}, f)
     return entries
+
+
+def read_layout_argv(root, method, n=6):
+    """A tiny READ tree with a 3-class tiny checkpoint, and the adapt.py arguments that run `method` on it."""
+    make_read_layout(root, n=n)
+    ckpt = root / "tiny3.pt"
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=3))
+    return ["--method", method, "--data", "read", "--dataset", "ks50", "--data-root", str(root),
+            "--label-csv", str(root / "labels.csv"), "--checkpoint", str(ckpt), "--corruption", "gaussian_noise"]
 
 
 def test_read_layout_loader(tmp_path, capsys):
