@@ -20,9 +20,9 @@ A missing-modality method module (`cmpt.py`, `aoept.py`) provides:
     EPOCHS, LR, WEIGHT_DECAY, BATCH_SIZE  defaults for the embedded benchmark
 """
 import argparse
+import copy
 import importlib
 import json
-import math
 import os
 import sys
 import time
@@ -178,7 +178,7 @@ def fit(module, variant, backbone, train_set, args, device, seed, desc):
 
 
 def copy_frozen(model):
-    import copy
+    """A deep copy of the source model in eval mode with every parameter frozen."""
     m = copy.deepcopy(model).eval()
     for p in m.parameters():
         p.requires_grad_(False)

@@ -1,6 +1,5 @@
 """Source training: the README's `python train.py`, on a short schedule."""
 import pytest
-import torch
 
 import common
 import data
