@@ -1,25 +1,31 @@
-"""Test-time adaptation runner: `python adapt.py --method NAME`, the papers' protocol, a paired table.
+"""Test-time adaptation runner: `python adapt.py --method NAME` or `--methods A B C`, the papers' protocol, one table.
 
-    python adapt.py --method brimpr                        # 15 video corruptions, severity 5, 1 seed
+    python adapt.py --method brimpr                        # Source beside BriMPR, 15 video corruptions, severity 5
+    python adapt.py --methods source tent eata sar deyo read abpem brimpr --seeds 1 2 3   # BriMPR's Table 1 columns
     python adapt.py --method read --modality audio --seeds 1 2 3
-    python adapt.py --method abpem --modality both --corruption gaussian_noise+wind
-    python adapt.py --method tent --continual              # all corruption types in one stream, no reset
+    python adapt.py --methods tent read abpem --modality both --corruption gaussian_noise+wind
+    python adapt.py --methods tent eata brimpr --continual  # all corruption types in one stream, no reset
     python adapt.py --method brimpr --data read --data-root json_csv_files/ks50 \\
         --label-csv class_labels_indices_ks50.csv --checkpoint cav_mae_ks50.pth --config base --dataset ks50
 
 Protocol (READ, ABPEM, BriMPR): severity 5; one corruption type at a time; the model and the
 optimiser are reset between corruption types (and seeds); one online pass over the shuffled test
-stream; accuracy averaged over batches, then over seeds, then over corruption types. Source (the
-frozen model) is evaluated on the very same batches, so every row is a paired comparison.
+stream; accuracy averaged over batches, then over seeds, then over corruption types. Every method
+runs on the same streams: each corrupted test set is built once and the loader order depends on
+the seed alone, so methods with the same batch size (all but ABPEM, 8) see the very same batches,
+and Source (the frozen model) is always a column, so every row is a paired comparison. The last
+rows give each method's time per batch against Source's forward at the same batch size.
 
 A method is anything with `BATCH_SIZE` (an int, or a dict by dataset name) and `setup(model, ctx)`
 returning an adapter: `adapter(batch) -> logits` adapts on the batch and returns the prediction
 the paper reports; `adapter.reset()` restores the start; `adapter.losses` holds the last loss
-terms (a dict of floats, for the progress bar). Source, Tent and READ are written in this file;
-`abpem.py` and `brimpr.py` are modules with the same two names.
+terms (a dict of floats, for the progress bar); `adapter.optimizer` is its torch optimiser.
+Source, Tent, EATA, SAR, DeYO and READ are written in this file; `abpem.py` and `brimpr.py` are
+modules with the same two names. Each method keeps its own copy of the model for the whole run.
 """
 import argparse
 import copy
+import hashlib
 import importlib
 import math
 import os
@@ -574,9 +580,46 @@ def load_model(args, device):
     return common.load_checkpoint(path, device=device)
 
 
+def method_names(args):
+    """The methods to run, in order: --methods, else --method; Source always first (the paired reference
+    and the time base), each name once."""
+    names = list(args.methods) if args.methods else [args.method or "brimpr"]
+    return list(dict.fromkeys(["source"] + names))
+
+
+def results_path(args, names):
+    """results/adapt_<methods>_<modality>[_<corruptions>][_sev<s>][_continual][_seeds<..>][...].json: a run
+    never overwrites the file of a run with another selection."""
+    tag = ["adapt", "-".join(names), args.modality]
+    if args.corruption != "all":
+        chosen = args.corruption.replace("+", "-").split(",")
+        joined = "+".join(chosen)
+        tag.append(joined if len(joined) <= 40 else f"{len(chosen)}corr-{hashlib.sha1(joined.encode()).hexdigest()[:8]}")
+    if args.severity != 5:
+        tag.append(f"sev{args.severity}")
+    if args.continual:
+        tag.append("continual")
+    if list(args.seeds) != [1]:
+        tag.append("seeds" + "-".join(str(s) for s in args.seeds))
+    if args.batch_size is not None:
+        tag.append(f"bs{args.batch_size}")
+    if "abpem" in names and args.no_cache:
+        tag.append("nocache")
+    if args.data != "embedded":
+        tag.append(f"read-{args.dataset}")
+    elif args.data_seed != 0:
+        tag.append(f"data{args.data_seed}")
+    return os.path.join(train.RESULTS_DIR, "_".join(tag) + ".json")
+
+
 def run(args):
+    """Every method on the same shuffled streams: the corrupted test set is built once per corruption
+    type and reused by every method and seed; a method's stream is seeded by the seed alone (loader
+    order, global RNG), so methods with the same batch size see the very same batches, and a method's
+    numbers do not depend on which other methods run. One table, one JSON."""
     device = common.get_device(args.device)
-    method = get_method(args.method)
+    names = method_names(args)
+    methods = {n: get_method(n) for n in names}
     corruptions = corruption_list(args.modality, args.corruption)
     model, meta = load_model(args, device)
     dataset = args.dataset or ("embedded" if args.data == "embedded" else None)
@@ -586,111 +629,134 @@ def run(args):
     if model.num_classes != num_classes:
         raise ValueError(f"the checkpoint has {model.num_classes} classes but the data has {num_classes}; "
                          f"use the checkpoint trained on this dataset.")
-    bs = args.batch_size
-    if bs is None:
-        bs = method.BATCH_SIZE[dataset] if isinstance(method.BATCH_SIZE, dict) else method.BATCH_SIZE
+    bs = {}
+    for n, m in methods.items():  # the papers' batch sizes unless --batch-size
+        bs[n] = args.batch_size or (m.BATCH_SIZE[dataset] if isinstance(m.BATCH_SIZE, dict) else m.BATCH_SIZE)
     ckpt = args.checkpoint or train.default_checkpoint("embedded", args.config or "tiny")
     ctx = SimpleNamespace(dataset=dataset, modality=args.modality, num_classes=model.num_classes, device=device,
                           continual=args.continual, cache_prefix=os.path.splitext(ckpt)[0],
-                          data_seed=args.data_seed, use_cache=args.use_cache,
+                          data_seed=args.data_seed, use_cache=not args.no_cache,
                           source_id="embedded" if args.data == "embedded" else os.path.abspath(source_json(args)),
                           source_batch=source_batch_fn(args, model, device))
-    source = Source(model)
-    adapter = method.setup(copy.deepcopy(model), ctx)
-    paired = args.method != "source"
+    adapters = {n: Source(model) if n == "source" else m.setup(copy.deepcopy(model), ctx) for n, m in methods.items()}
+    # Source's forward at every other batch size in use: the time base of the methods that run at it
+    extra_bs = sorted({b for b in bs.values()} - {bs["source"]})
 
-    acc = {c: {"source": [], args.method: []} for c in corruptions}  # per corruption, one value per seed
-    time_src = time_method = 0.0
-    n_batches = n_samples = 0
-    t_start = time.time()
-    sets = {}
+    acc = {c: {n: [] for n in names} for c in corruptions}  # per corruption and method, one value per seed
+    times = {n: [] for n in names}  # seconds per batch
+    source_times = {b: [] for b in [bs["source"]] + extra_bs}
+    n_samples, t_start, sets = 0, time.time(), {}
 
-    def stream(corruption, seed, reset):
-        nonlocal time_src, time_method, n_batches, n_samples
+    def stream(name, corruption, seed, batch_size, reset):
+        """One pass of `name` over the shuffled stream of one corruption; -> batch-averaged accuracy (%)."""
+        nonlocal n_samples
         if corruption not in sets:
             sets[corruption] = test_set(args, model, corruption)
+        adapter = adapters[name]
         if reset:
             adapter.reset()
-        loader = data.make_loader(sets[corruption], bs, shuffle=True, seed=seed, num_workers=args.workers)
-        accs_s, accs_m = [], []
-        bar = tqdm(loader, desc=f"{corruption} (seed {seed})", leave=False, dynamic_ncols=True)
+        loader = data.make_loader(sets[corruption], batch_size, shuffle=True, seed=seed, num_workers=args.workers)
+        accs, secs = [], []
+        bar = tqdm(loader, desc=f"{name} {corruption} (seed {seed})", leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = data.to_device(batch, device)
-            y = batch["label"]
             t0 = time.perf_counter()
-            logits_s = source(batch) if paired else None
-            t1 = time.perf_counter()
-            logits_m = adapter(batch)
-            t2 = time.perf_counter()
-            time_src, time_method = time_src + (t1 - t0), time_method + (t2 - t1)
-            n_batches, n_samples = n_batches + 1, n_samples + len(y)
-            accs_m.append(100.0 * (logits_m.argmax(1) == y).float().mean().item())
-            accs_s.append(100.0 * (logits_s.argmax(1) == y).float().mean().item() if paired else accs_m[-1])
-            shown = {"source": f"{np.mean(accs_s):.1f}", args.method: f"{np.mean(accs_m):.1f}"}
-            bar.set_postfix({**shown, **{k: f"{v:.3f}" for k, v in adapter.losses.items()}})
-        acc[corruption]["source"].append(float(np.mean(accs_s)))
-        acc[corruption][args.method].append(float(np.mean(accs_m)))
-        tqdm.write(f"{corruption:<32} seed {seed}: source {np.mean(accs_s):5.1f}  {args.method} {np.mean(accs_m):5.1f}")
+            logits = adapter(batch)
+            secs.append(time.perf_counter() - t0)
+            accs.append(100.0 * (logits.argmax(1) == batch["label"]).float().mean().item())
+            n_samples += len(batch["label"])
+            bar.set_postfix({"acc": f"{np.mean(accs):.1f}", **{k: f"{v:.3f}" for k, v in adapter.losses.items()}})
+        if name == "source":
+            source_times[batch_size].extend(secs)
+        if batch_size == bs[name]:
+            times[name].extend(secs)
+        return float(np.mean(accs))
 
-    if args.continual:  # one stream per seed through every corruption type, reset only at the start
+    def source_time_base(corruption, seed):
+        for b in extra_bs:  # Source at the other batch sizes: time only, the accuracy column is at bs["source"]
+            stream("source", corruption, seed, b, reset=False)
+
+    if args.continual:  # per seed and method one stream through every corruption type, reset only at the start
         for seed in args.seeds:
-            common.seed_everything(seed)
-            for i, c in enumerate(corruptions):
-                stream(c, seed, reset=(i == 0))
+            for n in names:
+                common.seed_everything(seed)
+                for i, c in enumerate(corruptions):
+                    acc[c][n].append(stream(n, c, seed, bs[n], reset=(i == 0)))
+                tqdm.write(f"continual seed {seed}: {n} {np.mean([acc[c][n][-1] for c in corruptions]):5.1f}")
+            for c in corruptions:
+                source_time_base(c, seed)
     else:
         for c in corruptions:
             for seed in args.seeds:
-                common.seed_everything(seed)
-                stream(c, seed, reset=True)
-            sets.pop(c)  # the corrupted set is the same for every seed; free it once they are done
+                for n in names:
+                    common.seed_everything(seed)
+                    acc[c][n].append(stream(n, c, seed, bs[n], reset=True))
+                source_time_base(c, seed)
+                tqdm.write(f"{c:<32} seed {seed}: " + "  ".join(f"{n} {acc[c][n][-1]:5.1f}" for n in names))
+            sets.pop(c)  # the corrupted set is the same for every method and seed; free it once they are done
 
     wall = time.time() - t_start
-    columns = ["source", args.method] if paired else ["source"]
-    print(results_table(acc, columns, len(args.seeds)))
-    ratio = time_method / time_src if paired and time_src > 0 else float("nan")
-    timing = (f"source forward {1000 * time_src / n_batches:.1f} ms, {args.method} "
-              f"{1000 * time_method / n_batches:.1f} ms ({ratio:.2f}x)") if paired else \
-        f"source forward {1000 * time_method / n_batches:.1f} ms"
-    print(f"{n_samples} samples in {wall:.1f} s ({n_samples / wall:.1f} samples/s); per batch of {bs}: {timing}")
-    out = args.results or os.path.join(train.RESULTS_DIR, f"adapt_{args.method}_{args.modality}.json")
+    ms = {n: 1000 * float(np.mean(times[n])) for n in names}
+    source_ms = {b: 1000 * float(np.mean(t)) for b, t in source_times.items()}
+    ratio = {n: ms[n] / source_ms[bs[n]] if source_ms[bs[n]] > 0 else float("nan") for n in names}
+    print(results_table(acc, names, len(args.seeds), {n: (bs[n], ms[n], ratio[n]) for n in names}))
+    print(f"{n_samples} samples in {wall:.1f} s ({n_samples / wall:.1f} samples/s over all methods); "
+          f"time per batch against Source's forward at the same batch size")
+    out = args.results or results_path(args, names)
     summary = {c: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for k, v in d.items()}
                for c, d in acc.items()}
-    avg = {k: float(np.mean([np.mean(acc[c][k]) for c in corruptions])) for k in columns}
-    train.write_json(out, {"args": vars(args), "batch_size": bs, "accuracy": summary, "average": avg,
-                           "wall_seconds": wall, "samples_per_second": n_samples / wall,
-                           "ms_per_batch": {"source": 1000 * time_src / n_batches,
-                                            args.method: 1000 * time_method / n_batches},
+    per_seed_avg = {n: [float(np.mean([acc[c][n][s] for c in corruptions])) for s in range(len(args.seeds))]
+                    for n in names}
+    avg = {n: float(np.mean(v)) for n, v in per_seed_avg.items()}
+    train.write_json(out, {"args": vars(args), "methods": names, "batch_size": bs, "accuracy": summary,
+                           "average": avg, "average_std": {n: float(np.std(v)) for n, v in per_seed_avg.items()},
+                           "average_per_seed": per_seed_avg, "wall_seconds": wall,
+                           "samples_per_second": n_samples / wall, "ms_per_batch": ms,
+                           "source_ms_per_batch": {str(b): v for b, v in source_ms.items()},
                            "time_ratio_to_source": ratio})
     print(f"wrote {out}")
     return avg, summary
 
 
-def results_table(acc, columns, n_seeds):
-    """Rows = corruption types, columns = methods (mean over seeds, +/- std over seeds), then the average."""
+def results_table(acc, columns, n_seeds, timing=None):
+    """Rows = corruption types, columns = methods (mean over seeds, +/- std over seeds), then the average
+    (per seed the mean over corruption types, then mean +/- std over seeds); with timing
+    {method: (batch size, ms per batch, ratio to Source's forward)} three more rows."""
     def cell(v):
         return f"{np.mean(v):5.1f}" + (f" +/- {np.std(v):4.1f}" if n_seeds > 1 else "")
     w = max(24, max(len(c) for c in acc) + 2)
-    cw = 16 if n_seeds > 1 else 9
-    lines = [f"{'corruption':<{w}}" + "".join(f"{c:>{cw}}" for c in columns), "-" * (w + cw * len(columns))]
+    cw = max(16 if n_seeds > 1 else 9, max(len(c) for c in columns) + 2)
+    rule = "-" * (w + cw * len(columns))
+    lines = [f"{'corruption':<{w}}" + "".join(f"{c:>{cw}}" for c in columns), rule]
     for c, d in acc.items():
         lines.append(f"{c:<{w}}" + "".join(f"{cell(d[k]):>{cw}}" for k in columns))
-    lines.append("-" * (w + cw * len(columns)))
+    lines.append(rule)
     mean_over_seeds = {k: [np.mean([acc[c][k][s] for c in acc]) for s in range(n_seeds)] for k in columns}
     lines.append(f"{'average':<{w}}" + "".join(f"{cell(mean_over_seeds[k]):>{cw}}" for k in columns))
+    if timing:
+        lines.append(rule)
+        lines.append(f"{'batch size':<{w}}" + "".join(f"{timing[k][0]:>{cw}d}" for k in columns))
+        lines.append(f"{'ms per batch':<{w}}" + "".join(f"{timing[k][1]:>{cw}.1f}" for k in columns))
+        lines.append(f"{'x Source forward':<{w}}" + "".join(f"{timing[k][2]:>{cw}.2f}" for k in columns))
     return "\n".join(lines)
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="brimpr", choices=list(METHODS), help="adaptation method")
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help="adaptation method, printed beside Source (default: brimpr)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="NAME",
+                   help="several methods on the same streams, one column each (Source always included): "
+                        "e.g. --methods source tent eata sar deyo read abpem brimpr; overrides --method")
+    p.add_argument("--no-cache", action="store_true",
+                   help="ABPEM: switch off the public code's feature cache of recent batches (on in every released "
+                        "script and by default here)")
     p.add_argument("--modality", default="video", choices=["video", "audio", "both"],
                    help="which modality is corrupted (both: every video corruption paired with every audio one)")
     p.add_argument("--corruption", default="all", help="'all', a corruption name, or a comma-separated list")
     p.add_argument("--severity", type=int, default=5, choices=[1, 2, 3, 4, 5], help="corruption severity")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds (stream order, masks); results are averaged")
     p.add_argument("--batch-size", type=int, default=None, help="default: the method paper's batch size")
-    p.add_argument("--use-cache", action="store_true",
-                   help="ABPEM: the public code's feature cache of recent batches (off by default; not in the paper)")
     p.add_argument("--continual", action="store_true", help="all corruption types in one stream, no reset between them")
     p.add_argument("--data", default="embedded", choices=["embedded", "read"],
                    help="embedded benchmark (generated locally) or Kinetics50-C / VGGSound-C in READ's file layout")
@@ -708,7 +774,8 @@ def build_parser():
     p.add_argument("--frost-dir", default=None, help="folder of real frost photographs (default: procedural stand-in)")
     p.add_argument("--noise-dir", default=None, help="folder with traffic/crowd/rain/thunder/wind.wav "
                                                      "(default: procedural stand-ins)")
-    p.add_argument("--results", default=None, help="results JSON (default: results/adapt_<method>_<modality>.json)")
+    p.add_argument("--results", default=None, help="results JSON (default: results/adapt_<methods>_<modality>"
+                                                   "[_<selection>].json, named by what was run)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (READ layout)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     return p

@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -88,7 +89,7 @@ def test_runner_end_to_end_and_paired_source(tmp_path):
     assert 0 <= acc["read"]["mean"] <= 100
     # the Source column is the frozen model's batch-averaged accuracy on the same stream
     assert abs(acc["source"]["mean"] - source_stream_accuracy("gaussian_noise", 64)) < 1e-9
-    assert res["batch_size"] == 64 and res["samples_per_second"] > 0
+    assert res["batch_size"] == {"source": 64, "read": 64} and res["samples_per_second"] > 0
 
 
 def test_runner_same_seed_same_numbers(tmp_path):
@@ -133,3 +134,74 @@ def test_runner_read_layout_without_training_list_for_brimpr(tmp_path):
         adapt.main(read_layout_argv(tmp_path, "brimpr", n=4) + ["--results", str(tmp_path / "r.json")])
     assert "clean" in str(e.value) and "--source-json" in str(e.value)
     assert not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------- several methods, one table
+def test_runner_methods_share_streams_and_sets(tmp_path, monkeypatch, capsys):
+    built = []
+    test_set = adapt.test_set
+    monkeypatch.setattr(adapt, "test_set", lambda args, model, c: built.append(c) or test_set(args, model, c))
+    out = tmp_path / "all.json"
+    adapt.main(["--methods", "tent", "eata", "sar", "deyo", "read", "abpem", "--corruption", "gaussian_noise,contrast",
+                "--seeds", "1", "2", "--results", str(out)])
+    res = json.loads(out.read_text())
+    assert built == ["gaussian_noise", "contrast"]  # each corrupted set built once for all methods and seeds
+    assert res["methods"] == ["source", "tent", "eata", "sar", "deyo", "read", "abpem"]  # Source always first
+    assert res["batch_size"] == {"source": 64, "tent": 64, "eata": 64, "sar": 64, "deyo": 64, "read": 64, "abpem": 8}
+    # the Source column is the frozen model on the shuffled stream of batch 64; JSON average = mean over corruptions
+    for seed_i, seed in enumerate((1, 2)):
+        assert abs(res["accuracy"]["contrast"]["source"]["per_seed"][seed_i] - source_stream_accuracy("contrast", 64, seed)) < 1e-9
+    for m in res["methods"]:
+        assert abs(res["average"][m] - (res["accuracy"]["gaussian_noise"][m]["mean"] + res["accuracy"]["contrast"][m]["mean"]) / 2) < 1e-9
+    assert set(res["source_ms_per_batch"]) == {"64", "8"} and res["time_ratio_to_source"]["source"] == 1.0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("corruption"))
+    assert header.split() == ["corruption", "source", "tent", "eata", "sar", "deyo", "read", "abpem"]
+    assert "x Source forward" in table
+    # a method's numbers do not depend on the other methods run beside it
+    alone = run(tmp_path, "--methods", "sar", "--corruption", "gaussian_noise,contrast", "--seeds", "1", "2")
+    assert alone["accuracy"]["contrast"]["sar"] == res["accuracy"]["contrast"]["sar"]
+
+
+def test_runner_source_seeds_stored_once(tmp_path, capsys):
+    out = tmp_path / "src.json"
+    adapt.main(["--method", "source", "--corruption", "gaussian_noise", "--seeds", "1", "2", "--results", str(out)])
+    res = json.loads(out.read_text())
+    per_seed = res["accuracy"]["gaussian_noise"]["source"]["per_seed"]
+    assert per_seed == [source_stream_accuracy("gaussian_noise", 64, 1), source_stream_accuracy("gaussian_noise", 64, 2)]
+    assert res["average"]["source"] == (per_seed[0] + per_seed[1]) / 2  # one corruption: the mean of the 2 seeds
+    average_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("average"))
+    assert average_row.split()[1] == f"{res['average']['source']:.1f}"
+
+
+def test_runner_continual_and_both_with_methods(tmp_path):
+    both = run(tmp_path, "--methods", "tent", "read", "--modality", "both", "--corruption", "gaussian_noise+wind")
+    assert set(both["accuracy"]) == {"gaussian_noise+wind"} and set(both["average"]) == {"source", "tent", "read"}
+    single = run(tmp_path, "--methods", "tent", "--corruption", "gaussian_noise,contrast")
+    cont = run(tmp_path, "--methods", "tent", "--corruption", "gaussian_noise,contrast", "--continual")
+    # the continual stream starts from the source model, so its first corruption is the episodic run's;
+    # the second continues from the adapted state (no reset)
+    assert cont["accuracy"]["gaussian_noise"] == single["accuracy"]["gaussian_noise"]
+    assert cont["accuracy"]["contrast"]["source"] == single["accuracy"]["contrast"]["source"]
+
+
+def test_results_files_are_named_by_what_was_run():
+    parse = adapt.build_parser().parse_args
+    path = lambda argv: adapt.results_path(parse(argv), adapt.method_names(parse(argv)))
+    wide = path(["--method", "tent"])
+    assert wide.endswith("adapt_source-tent_video.json")
+    narrower = [path(["--method", "tent", "--corruption", "fog"]), path(["--method", "tent", "--continual"]),
+                path(["--method", "tent", "--severity", "3"]), path(["--method", "tent", "--seeds", "1", "2"]),
+                path(["--methods", "tent", "read"]), path(["--method", "tent", "--modality", "audio"]),
+                path(["--method", "tent", "--batch-size", "8"])]
+    assert len(set(narrower + [wide])) == len(narrower) + 1  # no two selections share a file
+    assert narrower[0].endswith("adapt_source-tent_video_fog.json")
+    assert path(["--method", "abpem", "--no-cache"]) != path(["--method", "abpem"])
+    many = path(["--method", "tent", "--corruption", ",".join(adapt.corruption_list("video", "all")[:9])])
+    assert len(os.path.basename(many)) < 80  # long selections get a short hash tag
+
+
+def test_runner_default_results_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(adapt.train, "RESULTS_DIR", str(tmp_path))
+    adapt.main(["--method", "source", "--corruption", "fog"])
+    assert [p.name for p in tmp_path.iterdir()] == ["adapt_source_video_fog.json"]
