@@ -27,12 +27,17 @@ entering block l of m's tower, prompt positions excluded):
     distil      C^l_m = KMeans_K({c^l_{m,i}}_i)      (K, D) per layer, K-means, then FROZEN
     construct   P^l_m = LN_m( Attn(Q^l_m, C^l_m, C^l_m) + Q^l_m )                        (L, D)
                 Attn(Q, C, C) = concat_h softmax(Q_h C_h^T / sqrt(d_h)) C_h   (no projections)
+    shared      S^l_m = LN^s_m( Attn(W^l_m(Q^l_s), C^l_m, C^l_m) + W^l_m(Q^l_s) )                (L, D)
+                Q^l_s (L, D/16) ONE query per layer for both modalities, W^l_m = Linear - GELU -
+                Linear (D/16 -> D/16 -> D) per layer and modality, LN^s_m its own LayerNorm
     instantiate g^l_{m,i} = sigmoid( MLP^l_m(c^{l-1}_{m',i}) )  if sample i has m', else 1   (D,)
                 P^l_{m,i} = P^l_m * g^l_{m,i}                 (channel-wise)             (L, D)
-    insert      h^l_m <- [P^l_{m,i}; h^l_m[L:]]   at l < depth (REPLACED, not accumulated);
+                S^l_{m,i} = S^l_m * gs^l_{m,i}, gs from its own gate MLP^s,l_m, the same rule
+    insert      h^l_m <- [S^l_{m,i}; P^l_{m,i}; h^l_m[2L:]]   at l < depth (REPLACED, not accumulated);
                 after depth the prompt outputs pass through; stripped before the unified block
     auxiliary   L_aux = mean over (l < depth, m) of InfoNCE over the samples that have m between
                 mean_t P^l_{m,i,t} and sg(mean_n h^{l+1}_{m,i,n}), cosine logits * exp(s), s0 = ln 100
+                (the modality-specific prompts only; the shared prompts are not in L_aux)
     total       L = CE(y, head(fuse(z_a, z_v))) + 0.05 * L_aux            (backbone frozen)
 
 MAP-style baseline (`VARIANTS["map"]`): no memory, no gate, no auxiliary loss; one learnable prompt
@@ -45,9 +50,10 @@ Deviations (each is a `# DEVIATION:` line below; the public code is the referenc
   1. Gate source: the public CLIP code runs text layer i before vision layer i, so the vision gate
      reads the text tower AFTER layer i while the text gate reads the vision tower after layer
      i-1; we use the previous layer for both towers (the symmetric rule of the spec).
-  2. Shared prompts: the public code's default (`use_shared_prompt` True, the yamls leave it on)
-     adds L more tokens per layer from a shared bottleneck query; left out, so the file shows the
-     three steps the paper's figure names.
+  2. Shared prompts (the public code's default, `use_shared_prompt` True; `VARIANTS["aoept"]`, on
+     here too; `VARIANTS["no_shared"]` leaves them out): as in the public code, except that its
+     bottleneck width is the TEXT width / reduction for both modalities, and ours is D / 16 (the
+     two CAV-MAE towers have the same width D).
   3. Head: the public code trains a fresh linear classifier on CLIP's two projections and also
      trains CLIP's final LayerNorms and projections; CAV-MAE has a head trained for this task,
      `mlp_head` (LayerNorm + Linear), so we fine-tune a copy of it (source-initialised); the
@@ -110,9 +116,10 @@ BATCH_SIZE = 32  # yamls batch_size: 128
 
 # The module interface train.py expects (see its docstring).
 VARIANTS = {
-    "aoept": {},
+    "aoept": {},  # with the shared prompts, the public code's default (use_shared_prompt True)
+    "no_shared": {"shared": False},  # modality-specific MCPs only
     "no_instantiation": {"gate": False},  # "w/o instantiation": the same MCP for every sample
-    "map": {"memory": False, "gate": False, "per_case": True, "aux_weight": 0.0},  # MAP-style baseline
+    "map": {"memory": False, "gate": False, "per_case": True, "aux_weight": 0.0, "shared": False},  # MAP-style
 }
 PROTOCOLS = ("map",)  # AOEPT reports MAP's protocol: the same missing type and rate in train and test
 
@@ -189,6 +196,14 @@ def modal_contextualized_prompt(query, memory, norm, num_heads):
     return norm(param_free_attention(query, memory, num_heads) + query)
 
 
+def shared_prompt(shared_query, proj, memory, norm, num_heads):
+    """S^l_m = LN^s_m(Attn(W_m(Q_s), C_m, C_m) + W_m(Q_s)): the shared query (L, D_s) projected into modality
+    m by proj (a callable (L, D_s) -> (L, D)), then read out of m's memory C_m (K, D) like an MCP -> (L, D)."""
+    q = proj(shared_query)  # (L, D) the modality's view of the shared query
+    # Step shared: attention over m's own memory, residual, the shared prompts' own LayerNorm
+    return modal_contextualized_prompt(q, memory, norm, num_heads)
+
+
 def instance_gate(gate_logits, other_present):
     """g = sigmoid(MLP(c_{m'})) where the conditioning modality m' is present, exactly 1 where it is
     missing. gate_logits: (B, D), other_present: (B,) bool -> (B, D)."""
@@ -233,26 +248,28 @@ class AOEPT(nn.Module):
 
     memory: MCPs from the frozen K-means memory (else plain learnable prompts, MAP-style);
     gate: per-sample instantiation from the other modality; per_case: one prompt set per missing
-    case (MAP); aux_weight: weight of the auxiliary InfoNCE (0 switches it off).
+    case (MAP); aux_weight: weight of the auxiliary InfoNCE (0 switches it off); shared: L more
+    prompt tokens per layer from a query shared by both modalities (public code default; needs memory).
     """
 
     MODALITIES = ("a", "v")
 
     def __init__(self, backbone, prompt_len=PROMPT_LEN, depth=DEPTH, memory=True, gate=True,
-                 per_case=False, aux_weight=AUX_WEIGHT, num_heads=ATTN_HEADS, reduction=REDUCTION):
+                 per_case=False, aux_weight=AUX_WEIGHT, num_heads=ATTN_HEADS, reduction=REDUCTION, shared=True):
         super().__init__()
         if not 1 <= depth <= len(backbone.blocks_a):
             raise ValueError(f"depth {depth} must be between 1 and the towers' {len(backbone.blocks_a)} blocks")
         if memory and per_case:
             raise ValueError("per_case prompts are the MAP-style baseline; use them with memory=False")
+        if shared and not memory:
+            raise ValueError("shared prompts read the memory; use them with memory=True")
         self.backbone = backbone.eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         D = backbone.embed_dim
         self.prompt_len, self.depth, self.num_heads = prompt_len, depth, num_heads
         self.use_memory, self.use_gate, self.per_case, self.aux_weight = memory, gate, per_case, aux_weight
-        # DEVIATION: the public code's default also adds L "shared" prompt tokens per layer from a
-        # shared bottleneck query (use_shared_prompt); left out to keep to the three named steps.
+        self.use_shared = shared
         if memory:
             # Step construct: learnable queries Q^l_m (depth, L, D) and one LayerNorm per modality
             self.query = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D))
@@ -270,6 +287,18 @@ class AOEPT(nn.Module):
             # Step instantiate: gate_a reads the video features, gate_v the audio features
             self.gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D, D, reduction) for _ in range(depth)])
                                        for m in self.MODALITIES})
+        if shared:
+            # DEVIATION: the public code's bottleneck is the text width / reduction for both towers; ours D / 16.
+            D_s = max(1, D // reduction)
+            # Step shared: one bottleneck query per layer for both modalities (depth, L, D_s)
+            self.shared_query = nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D_s))
+            self.shared_proj = nn.ModuleDict({m: nn.ModuleList([
+                nn.Sequential(nn.Linear(D_s, D_s), nn.GELU(), nn.Linear(D_s, D)) for _ in range(depth)])
+                for m in self.MODALITIES})
+            self.shared_norm = nn.ModuleDict({m: nn.LayerNorm(D) for m in self.MODALITIES})
+            if gate:
+                self.shared_gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D, D, reduction) for _ in range(depth)])
+                                                  for m in self.MODALITIES})
         if aux_weight > 0:
             self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         # DEVIATION: the public code trains a fresh classifier (+ CLIP's final norms/projections);
@@ -294,6 +323,15 @@ class AOEPT(nn.Module):
             return {m: self.prompts[m][case].transpose(0, 1) for m in self.MODALITIES}  # (depth, B, L, D)
         return {m: self.prompts[m].unsqueeze(1) for m in self.MODALITIES}
 
+    def shared_prompts(self):
+        """The shared prompts before instantiation: {m: (depth, 1, L, D)}, or None when off."""
+        if not self.use_shared:
+            return None
+        memory = {"a": self.memory_a, "v": self.memory_v}
+        return {m: torch.stack([shared_prompt(self.shared_query[l], self.shared_proj[m][l], memory[m][l],
+                                              self.shared_norm[m], self.num_heads) for l in range(self.depth)])
+                .unsqueeze(1) for m in self.MODALITIES}
+
     def forward(self, batch, return_aux=False):
         """batch dict -> logits (B, C); with return_aux also the auxiliary loss (scalar tensor)."""
         bb, L = self.backbone, self.prompt_len
@@ -304,6 +342,7 @@ class AOEPT(nn.Module):
         other = {"a": "v", "v": "a"}
         blocks = {"a": bb.blocks_a, "v": bb.blocks_v}
         base = self.base_prompts(present["a"], present["v"])
+        shared = self.shared_prompts()
         n_p = 0  # prompt positions at the front of each sequence
         prompt_means, feats = [], []  # for the auxiliary loss: (modality, (B, D)) per prompted layer
         for l in range(len(bb.blocks_a)):
@@ -321,13 +360,20 @@ class AOEPT(nn.Module):
                         # Step instantiate: P^l_{m,i} = P^l_m * g^l_{m,i}
                         p = p * g.unsqueeze(1)  # (B, L, D)
                     prompts[m] = p
+                    if shared is not None:
+                        s = shared[m][l].expand(B, -1, -1)  # (B, L, D)
+                        if self.use_gate:
+                            # Step instantiate: the shared prompt's own gate, same source and missing rule
+                            s = s * instance_gate(self.shared_gate[m][l](c[other[m]]), present[other[m]]).unsqueeze(1)
+                        prompts[m] = torch.cat([s, p], dim=1)  # (B, 2L, D): [shared; modality-specific]
                 # Step insert: the gated prompts REPLACE the previous layer's prompt outputs
-                x = {m: torch.cat([prompts[m], x[m][:, n_p:]], dim=1) for m in self.MODALITIES}  # (B, L + N_m, D)
-                n_p = L
+                x = {m: torch.cat([prompts[m], x[m][:, n_p:]], dim=1) for m in self.MODALITIES}  # (B, n_p + N_m, D)
+                n_p = prompts["a"].shape[1]  # L, or 2L with the shared prompts
             x = {m: blocks[m][l](x[m]) for m in self.MODALITIES}
             if l < self.depth:
                 for m in self.MODALITIES:
-                    prompt_means.append((m, prompts[m].mean(dim=1)))  # (B, D) token mean of the gated prompt
+                    # (B, D) token mean of the gated modality-specific prompt (the last L positions)
+                    prompt_means.append((m, prompts[m][:, -L:].mean(dim=1)))
                     feats.append(token_mean(x[m], n_p))  # (B, D) m's features after layer l
         # Step insert: strip the prompts before the frozen unified block
         feat = bb.fuse(x["a"][:, n_p:], x["v"][:, n_p:])  # (B, D)
@@ -353,7 +399,8 @@ def build(backbone, **kw):
 
 
 def collect_params(model):
-    """What trains: queries, prompt LayerNorms (or MAP prompts), gate MLPs, logit scale, head.
+    """What trains: queries, prompt LayerNorms (or MAP prompts), gate MLPs, the shared query, projections,
+    LayerNorms and gates, logit scale, head.
     Never the backbone, never the memory (a buffer)."""
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("backbone.")]
     return [p for _, p in named], [n for n, _ in named]

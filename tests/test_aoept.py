@@ -110,7 +110,7 @@ def test_instance_gate_by_hand():
 
 def test_gate_in_the_model_is_one_exactly_when_the_other_modality_is_missing():
     bb = tiny_backbone(torch.float64)
-    model = with_memory(aoept.build(bb, depth=2)).double().eval()
+    model = with_memory(aoept.build(bb, depth=2, shared=False)).double().eval()
     batch = tiny_batch(bb, dtype=torch.float64)
     seen = block_inputs(model)
     with torch.no_grad():
@@ -132,6 +132,56 @@ def test_gate_in_the_model_is_one_exactly_when_the_other_modality_is_missing():
                 g = torch.sigmoid(model.gate[m][l](src.mean(1)))  # (B, D)
                 want = torch.where(has[other][:, None, None], mcp[m][l] * g[:, None], mcp[m][l].expand(6, L, -1))
                 assert torch.allclose(got, want, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared prompts (the public code's default): one query per layer, per-modality projection, own LN and gate
+# ----------------------------------------------------------------------------------------------
+def test_shared_prompt_by_hand():
+    D_s, D = 2, 2
+    proj = torch.nn.Sequential(torch.nn.Linear(D_s, D_s), torch.nn.GELU(), torch.nn.Linear(D_s, D)).double()
+    with torch.no_grad():
+        for lin in (proj[0], proj[2]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        proj[2].bias.copy_(torch.tensor([0.0, 1.0]))  # W(q) = GELU(0) * 0 + (0, 1) = (0, 1) for any q
+    q = torch.randn(3, D_s, **f64)  # L = 3
+    memory = torch.tensor([[1.0, 2.0]], **f64)  # one row: softmax over a single key = 1, Attn = (1, 2)
+    norm = torch.nn.LayerNorm(D).double()  # weight 1, bias 0, eps 1e-5
+    out = aoept.shared_prompt(q, proj, memory, norm, num_heads=1)
+    # Attn + W(q) = (1, 2) + (0, 1) = (1, 3): mean 2, variance 1 -> LN = (-1, 1) / sqrt(1 + 1e-5)
+    assert torch.allclose(out, torch.tensor([[-1.0, 1.0]] * 3, **f64) / math.sqrt(1 + 1e-5), atol=1e-12)
+
+
+def test_shared_prompts_come_first_gated_by_their_own_gate_and_are_stripped():
+    bb = tiny_backbone(torch.float64)
+    model = with_memory(aoept.build(bb, depth=2)).double().eval()  # the default: shared prompts on
+    assert model.use_shared and model.shared_query.shape == (2, model.prompt_len, bb.embed_dim // 16)
+    batch = tiny_batch(bb, dtype=torch.float64)
+    seen = block_inputs(model)
+    with torch.no_grad():
+        logits = model(batch)
+        L = model.prompt_len
+        has = {"a": batch["has_audio"], "v": batch["has_video"]}
+        memory = {"a": model.memory_a, "v": model.memory_v}
+        for m, other in (("a", "v"), ("v", "a")):
+            N = bb.n_audio if m == "a" else bb.n_video
+            for l in range(2):
+                x = seen[(m, l)]
+                assert x.shape[1] == 2 * L + N  # [shared; specific; tokens], replaced at each layer
+                S = aoept.shared_prompt(model.shared_query[l], model.shared_proj[m][l], memory[m][l],
+                                        model.shared_norm[m], model.num_heads)  # (L, D)
+                src = seen[(other, l)][:, 2 * L:].mean(1)  # the other tower's token mean entering block l
+                g = aoept.instance_gate(model.shared_gate[m][l](src), has[other])  # (B, D), 1 where m' missing
+                assert torch.allclose(x[:, :L], S * g[:, None], atol=1e-12)
+                g_p = aoept.instance_gate(model.gate[m][l](src), has[other])
+                P = aoept.modal_contextualized_prompt(model.query[m][l], memory[m][l], model.prompt_norm[m],
+                                                      model.num_heads)
+                assert torch.allclose(x[:, L:2 * L], P * g_p[:, None], atol=1e-12)
+        u = seen[("u", 0)]  # both prompt sets stripped before the unified block
+        assert torch.equal(u, torch.cat([seen[("a", 2, "out")][:, 2 * L:], seen[("v", 2, "out")][:, 2 * L:]], dim=1))
+        assert torch.allclose(logits, model.head(bb.norm(bb.blocks_u[0](u)).mean(1)))
+    assert "no_shared" in aoept.VARIANTS and not aoept.build(tiny_backbone(), **aoept.VARIANTS["no_shared"]).use_shared
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +230,7 @@ def test_info_nce_by_hand_over_present_samples_with_stop_gradient():
 @pytest.mark.parametrize("m", ["a", "v"])
 def test_prompts_replaced_not_accumulated_and_stripped(m):
     bb = tiny_backbone(torch.float64)
-    model = with_memory(aoept.build(bb, depth=2, gate=False)).double().eval()
+    model = with_memory(aoept.build(bb, depth=2, gate=False, shared=False)).double().eval()
     batch = tiny_batch(bb, dtype=torch.float64)
     seen = block_inputs(model)
     with torch.no_grad():
@@ -242,22 +292,28 @@ def test_collect_means_before_each_layer_and_skips_missing_samples():
 # ----------------------------------------------------------------------------------------------
 # Freezing: exactly the intended tensors train; the backbone and the memory do not move
 # ----------------------------------------------------------------------------------------------
-def expected_trainable(depth):
+def expected_trainable(depth, shared=True):
     names = {"query.a", "query.v", "logit_scale", "head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias"}
+    names |= {"shared_query"} if shared else set()
     for m in ("a", "v"):
         names |= {f"prompt_norm.{m}.weight", f"prompt_norm.{m}.bias"}
+        names |= {f"shared_norm.{m}.weight", f"shared_norm.{m}.bias"} if shared else set()
         for l in range(depth):
             names |= {f"gate.{m}.{l}.net.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+            if shared:
+                names |= {f"shared_gate.{m}.{l}.net.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+                names |= {f"shared_proj.{m}.{l}.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
     return names
 
 
-def test_exactly_the_prompt_modules_and_head_train_one_step_and_reset():
+@pytest.mark.parametrize("variant", ["aoept", "no_shared"])
+def test_exactly_the_prompt_modules_and_head_train_one_step_and_reset(variant):
     bb = tiny_backbone()
-    model = aoept.build(bb)
+    model = aoept.build(bb, **aoept.VARIANTS[variant])
     batch = tiny_batch(bb)
     aoept.prepare(model, [batch], "cpu")
     params, names = aoept.collect_params(model)
-    assert set(names) == expected_trainable(aoept.DEPTH)
+    assert set(names) == expected_trainable(aoept.DEPTH, shared=variant == "aoept")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
     assert {"memory_a", "memory_v"} <= {n for n, _ in model.named_buffers()}  # frozen: buffers, not parameters
     before = {k: v.clone() for k, v in model.state_dict().items()}
