@@ -26,7 +26,13 @@ Equations (m1 = a, m2 = v; `^` marks an encoder output):
            LoRA: W x + (alpha / r) B A dropout(x) on q, k, v and the output projection
     Eq. 4  L_align = 1/|D_c| sum_{x in D_c} [MSE(CMPT^_a, CLS^_v) + MSE(CMPT^_v, CLS^_a)]
                                                / MSE(CMPT^_a, CLS^_a)
-           D_c = samples with both modalities; MSE = mean over the D features of one sample
+           D_c = samples with both modalities; MSE = mean over the D features of one sample.
+           As printed, the denominator holds only the FIRST modality's proxy against its own class
+           token (proxy_1 vs CLS_1; there is no MSE(CMPT^_v, CLS^_v) term), so the equation is not
+           symmetric in the two modalities: besides pulling each proxy to the other class token, it
+           rewards pushing CMPT^_a away from CLS^_a (and CLS^_a away from CMPT^_a), with no such term
+           for video. With no stop-gradient anywhere (Deviation 8), all four tokens move: the class
+           tokens are pulled towards the other modality's proxy, not only the proxies towards them.
     Eq. 5  T = CLS^_a + CLS^_v     both present
                CLS^_v + CMPT^_v    audio missing
                CLS^_a + CMPT^_a    video missing
@@ -57,10 +63,16 @@ Deviations (each marked `# DEVIATION:` in the code):
   7. Optimisation for a 1,500-clip CPU benchmark: AdamW lr 1e-2, weight decay 0.02, batch 64,
      4 epochs, one-cycle schedule (set by train.py); paper (AV): lr 5e-5, batch 4, 100 epochs,
      poly decay 0.9 with 5 warm-up epochs. Those would take hours on a CPU.
-  8. No stop-gradient in Eq. 4 (the paper prints none): the class tokens also move towards the
-     proxies.
+  8. No stop-gradient in Eq. 4 (the paper prints none): the class tokens also move, CLS^_v and
+     CLS^_a towards the other modality's proxy, and CLS^_a away from CMPT^_a through the
+     denominator (which holds the first modality's pair only, as printed).
   9. CAV-MAE's unified block, its norms and its `mlp_head` are not used: CMPT's model is two
      encoders, additive fusion and a new linear head (Eq. 6, PyTorch's default Linear init).
+ 10. A modality missing from EVERY sample of a batch (modality dropout drops it for the whole
+     batch) is not encoded at all (paper silent): with proxies, Eq. 5 never reads its tokens, so
+     skipping its encoder changes no output and no gradient except that its LoRA factors and
+     tokens get none (no compute, no update, their Adam(W) state untouched). The no-proxy
+     ablations (Deviation 6) still encode the placeholder, because they add its class token.
 
 Dimension key: B batch, N_a / N_v audio / video tokens, D width, K classes, L layers per
 encoder, r LoRA rank.
@@ -128,9 +140,11 @@ def alignment_loss(cmpt_1, cls_2, cmpt_2, cls_1, complete=None, eps=ALIGN_EPS):
     if cmpt_1.shape[0] == 0:
         # DEVIATION: paper silent on a batch without complete samples; the term is 0 there.
         return cmpt_1.sum() * 0.0
-    # DEVIATION: paper silent on a stop-gradient; none is used, the class tokens get gradient too.
+    # DEVIATION: paper silent on a stop-gradient; none is used, the class tokens get gradient too
+    # (towards the other modality's proxy in the numerator, cls_1 away from cmpt_1 in the denominator).
     num = (cmpt_1 - cls_2).pow(2).mean(-1) + (cmpt_2 - cls_1).pow(2).mean(-1)  # (B_c,)
     # DEVIATION: paper silent on a zero denominator; it is floored at eps (exact value otherwise).
+    # As printed: only the FIRST modality's proxy vs its own class token (no cmpt_2 vs cls_2 term).
     den = (cmpt_1 - cls_1).pow(2).mean(-1).clamp_min(eps)  # (B_c,)
     # Eq. (4) L_align = mean_{D_c} [MSE(cmpt_1, cls_2) + MSE(cmpt_2, cls_1)] / MSE(cmpt_1, cls_1)
     return (num / den).mean()
@@ -269,14 +283,26 @@ class CMPTModel(nn.Module):
         x = normalize_tokens(x[:, : len(extra) + 1])  # (B, 2, D): the two new tokens only
         return (x[:, 1], x[:, 0]) if cmpt is not None else (x[:, 0], None)
 
-    def tokens(self, audio, video):
-        """audio (B, T, F), video (B, 3, H, W) -> dict of cls_a, cls_v, cmpt_a, cmpt_v (B, D)."""
+    def tokens(self, audio, video, has_a=None, has_v=None):
+        """audio (B, T, F), video (B, 3, H, W) -> dict of cls_a, cls_v, cmpt_a, cmpt_v (B, D).
+
+        has_a / has_v (B,) bool: with proxies, a modality absent from every sample is not encoded;
+        its tokens are zeros outside the graph (Eq. 5 never reads them).
+        """
         bb = self.backbone
-        T_a = bb.embed_audio(audio)  # Eq. 1, (B, N_a, D)
-        T_v = bb.embed_video(video)  # Eq. 1, (B, N_v, D)
-        cls_a, cmpt_a = self.encode(T_a, bb.blocks_a, self.cls_a, getattr(self, "cmpt_a", None))  # (B, D) each
-        cls_v, cmpt_v = self.encode(T_v, bb.blocks_v, self.cls_v, getattr(self, "cmpt_v", None))  # (B, D) each
-        return {"cls_a": cls_a, "cls_v": cls_v, "cmpt_a": cmpt_a, "cmpt_v": cmpt_v}
+        out = {}
+        for m, x, embed, blocks in (("a", audio, bb.embed_audio, bb.blocks_a), ("v", video, bb.embed_video, bb.blocks_v)):
+            has = has_a if m == "a" else has_v
+            if self.proxy and has is not None and not bool(has.any()):
+                # DEVIATION: paper silent; the modality is missing for the whole batch: no encoder pass, so
+                # its LoRA factors and tokens get no gradient and no optimiser update.
+                zero = self.cls_a.new_zeros(x.shape[0], self.cls_a.shape[-1])  # (B, D)
+                out[f"cls_{m}"], out[f"cmpt_{m}"] = zero, zero
+                continue
+            T = embed(x)  # Eq. 1, (B, N_m, D)
+            out[f"cls_{m}"], out[f"cmpt_{m}"] = self.encode(T, blocks, getattr(self, f"cls_{m}"),
+                                                            getattr(self, f"cmpt_{m}", None))  # (B, D) each
+        return out
 
     def fused(self, tok, has_a, has_v):
         """The head's input T (B, D): Eq. 5 with proxies, else CLS^_a + CLS^_v of whatever came in."""
@@ -288,7 +314,7 @@ class CMPTModel(nn.Module):
     def forward(self, batch):
         """batch dict (audio, video, optional has_audio / has_video) -> logits (B, K)."""
         has_a, has_v = availability(batch)
-        tok = self.tokens(batch["audio"], batch["video"])
+        tok = self.tokens(batch["audio"], batch["video"], has_a, has_v)
         # Eq. (6) y_hat = h(T)
         return self.head(self.fused(tok, has_a, has_v))  # (B, K)
 
@@ -328,7 +354,7 @@ def train_step(model, batch, optimizer):
     has_a, has_v = availability(batch)  # (B,), (B,)
     if model.modality_dropout:
         audio, video, has_a, has_v = drop_modality(audio, video, has_a, has_v)
-    tok = model.tokens(audio, video)  # Eq. 1-3: cls_a, cls_v, cmpt_a, cmpt_v, each (B, D)
+    tok = model.tokens(audio, video, has_a, has_v)  # Eq. 1-3: cls_a, cls_v, cmpt_a, cmpt_v, each (B, D)
     T = model.fused(tok, has_a, has_v)  # Eq. 5, (B, D)
     # Eq. (6) y_hat = h(T)
     logits = model.head(T)  # (B, K)

@@ -234,6 +234,38 @@ def test_train_step_losses_and_forward_defaults():
         assert torch.allclose(model(batch)[-1], model.head(tok["cls_a"] + tok["cmpt_a"])[-1])  # video missing
 
 
+def test_a_modality_dropped_for_the_whole_batch_is_not_encoded_nor_updated():
+    bb = tiny_backbone()
+    model = cmpt.build(bb)
+    model.modality_dropout = False
+    params, names = cmpt.collect_params(model)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.02)
+    batch = tiny_batch(bb)
+    torch.manual_seed(0)
+    cmpt.train_step(model, batch, opt)  # a complete step first: every parameter has Adam state
+    cmpt.train_step(model, batch, opt)
+    audio = [n for n in names if n.startswith("backbone.blocks_a.") or n in ("cls_a", "cmpt_a")]
+    named = dict(model.named_parameters())
+    before = {n: named[n].detach().clone() for n in names}
+    state = {n: {k: v.clone() for k, v in opt.state[named[n]].items()} for n in audio}
+    calls = []
+    model.backbone.blocks_a[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    no_audio = dict(batch, audio=torch.zeros_like(batch["audio"]), has_audio=torch.zeros(8, dtype=torch.bool),
+                    has_video=torch.ones(8, dtype=torch.bool))
+    logits, _ = cmpt.train_step(model, no_audio, opt)
+    assert calls == []  # the audio encoder did not run
+    for n in audio:  # parameters and their AdamW moments and step count bit-identical (weight decay too)
+        assert torch.equal(named[n], before[n]), n
+        assert all(torch.equal(v, state[n][k]) for k, v in opt.state[named[n]].items()), n
+    assert not torch.equal(named["cmpt_v"], before["cmpt_v"])  # the video side trained
+    # the prediction is Eq. 5's audio-missing branch, CLS_v + CMPT_v, as with the encoder run
+    model.eval()
+    with torch.no_grad():
+        tok = model.tokens(no_audio["audio"], no_audio["video"])  # no has_*: every modality encoded
+        assert torch.allclose(model(no_audio), model.head(tok["cls_v"] + tok["cmpt_v"]))
+    assert calls == [1]
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: python train.py --method cmpt on a tiny configuration
 # ----------------------------------------------------------------------------------------------
