@@ -317,7 +317,7 @@ def run(args):
     summary = {c: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for k, v in d.items()}
                for c, d in acc.items()}
     avg = {k: float(np.mean([np.mean(acc[c][k]) for c in corruptions])) for k in columns}
-    train.write_json(out, {"args": vars(args), "batch_size": bs, "accuracy": summary, "average": avg,
+    common.write_json(out, {"args": vars(args), "batch_size": bs, "accuracy": summary, "average": avg,
                            "wall_seconds": wall, "samples_per_second": n_samples / wall,
                            "ms_per_batch": {"source": 1000 * time_src / n_batches,
                                             args.method: 1000 * time_method / n_batches},

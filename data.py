@@ -34,6 +34,8 @@ import torchaudio
 import torchvision.io
 import torchvision.transforms.functional as TF
 
+import common
+
 
 SAMPLE_RATE = 16000
 FBANK_MEAN, FBANK_STD = -5.081, 4.4849  # READ's normalisation constants (KS50 and VGGSound)
@@ -952,20 +954,19 @@ def generate_embedded(seed=0, cfg=EMBEDDED):
 def embedded_raw(seed=0, cache_dir=CACHE_DIR):
     """The raw embedded benchmark, generated once per seed and cached on disk."""
     path = os.path.join(cache_dir, f"embedded_v{EMBEDDED_VERSION}_seed{seed}.pt")
-    if path in _RAW:
-        return _RAW[path]
-    if os.path.isfile(path):
-        _RAW[path] = torch.load(path, weights_only=True)
-        return _RAW[path]
-    raw = generate_embedded(seed)
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(raw, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    _RAW[path] = raw
-    return raw
+    if path not in _RAW:  # a truncated or foreign cache file is regenerated; the temp name is per process
+        _RAW[path] = common.load_or_rebuild(path, lambda: generate_embedded(seed), valid=_is_raw_benchmark)
+    return _RAW[path]
 
 
 _RAW = {}  # the raw benchmark, loaded once per process
+
+
+def _is_raw_benchmark(obj):
+    """Does a cache file hold what generate_embedded returns (three splits of wav, frames, label tensors)?"""
+    return isinstance(obj, dict) and all(
+        isinstance(obj.get(s), dict) and all(torch.is_tensor(obj[s].get(k)) for k in ("wav", "frames", "label"))
+        for s in ("train", "val", "test"))
 
 
 def embedded_split(split, model, seed=0, video_corruption=None, audio_corruption=None, severity=5,

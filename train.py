@@ -22,7 +22,6 @@ A missing-modality method module (`cmpt.py`, `aoept.py`) provides:
 import argparse
 import copy
 import importlib
-import json
 import os
 import sys
 import time
@@ -44,14 +43,6 @@ METHODS = {"source": None, "cmpt": "cmpt", "aoept": "aoept"}  # name -> module w
 def default_checkpoint(data_name="embedded", config="tiny"):
     """Where train.py saves, and adapt.py looks for, the source checkpoint."""
     return os.path.join(CHECKPOINT_DIR, f"{data_name}_{config}.pt")
-
-
-def write_json(path, obj):
-    """Write a results file whole or not at all (temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +115,7 @@ def train_source(args, quiet=False):
     out = args.out or default_checkpoint(args.data, args.config)
     common.save_checkpoint(out, model, data=args.data, data_seed=args.data_seed, seed=args.seed, metrics=metrics)
     default = out == default_checkpoint(args.data, args.config)
-    write_json(os.path.join(RESULTS_DIR, "train_source.json") if default else os.path.splitext(out)[0] + ".json",
+    common.write_json(os.path.join(RESULTS_DIR, "train_source.json") if default else os.path.splitext(out)[0] + ".json",
                {"args": vars(args), "checkpoint": out, "clean_accuracy": metrics})
     if not quiet:
         print(f"saved {out}")
@@ -228,7 +219,7 @@ def run_missing(args):
     table = format_table(rows, variants, len(args.seeds))
     print(table)
     out = args.results or os.path.join(RESULTS_DIR, f"train_{args.method}.json")
-    write_json(out, {"args": vars(args), "wall_seconds": time.time() - t0,
+    common.write_json(out, {"args": vars(args), "wall_seconds": time.time() - t0,
                      "results": [{"protocol": p, "setting": s, "accuracy": v} for (p, s), v in rows.items()]})
     print(f"wrote {out}")
     return rows
