@@ -39,11 +39,12 @@ import common
 
 SAMPLE_RATE = 16000
 FBANK_MEAN, FBANK_STD = -5.081, 4.4849  # READ's normalisation constants (KS50 and VGGSound)
+FBANK_WINDOW = 400  # samples in one 25 ms kaldi fbank window at 16 kHz: a shorter clip has no frame
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """A problem with the user's data; the message says what is wrong and what to do."""
 
 
@@ -687,23 +688,27 @@ def corrupt_video(frames, name, severity, generator=None, frost_dir=None):
 
 
 def read_image(path):
-    """A JPEG / PNG file -> uint8 (3, H, W) RGB; an unreadable file is a ValueError naming it."""
+    """A JPEG / PNG file -> uint8 (3, H, W) RGB; an unreadable file is a DataError naming it."""
     try:
-        return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError:
-        raise ValueError(f"{path} is not a readable JPEG/PNG image; replace or remove it.") from None
+        image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+    except (RuntimeError, OSError) as err:
+        why = "it is truncated" if "truncated" in str(err) else "it is damaged or not an image"
+        raise DataError(f"{path} is not a readable JPEG/PNG image ({why}); replace or remove it.") from None
+    if image.shape[-1] == 0 or image.shape[-2] == 0:
+        raise DataError(f"{path} is an empty image (0 pixels); replace or remove it.")
+    return image
 
 
 # --- audio ---
 def read_wav(path):
     """Read a PCM WAV (8/16/24/32-bit) with the standard-library wave module: ((T,) float32 mono
     in [-1, 1], sample_rate). Stereo is averaged to mono."""
-    try:
-        with wave.open(str(path), 'rb') as f:
-            channels, width, rate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            raw = f.readframes(frames)
-    except (wave.Error, EOFError) as err:
-        raise ValueError(f"{path} is not a PCM WAV file the wave module can read ({err}); convert it to 16-bit PCM.")
+    channels, width, rate, _ = wav_info(path)
+    with wave.open(str(path), 'rb') as f:
+        raw = f.readframes(f.getnframes())
+    raw = raw[:len(raw) - len(raw) % (channels * width)]  # a trailing partial frame (odd data size) is dropped
+    if not raw:
+        raise DataError(f"{path} has a WAV header but no complete sample; replace or remove it.")
     if width == 1:
         data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width == 2:
@@ -714,10 +719,29 @@ def read_wav(path):
         data = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / (1 << 23)
     elif width == 4:
         data = (np.frombuffer(raw, '<i4').astype(np.float64) / 2 ** 31).astype(np.float32)
-    else:
-        raise ValueError(f"{path} has {8 * width}-bit samples; only 8, 16, 24 and 32-bit PCM WAV files are supported.")
     data = data.reshape(-1, channels).mean(1)                               # (T,)
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), rate
+
+
+def wav_info(path):
+    """(channels, bytes per sample, sample rate, frames) of a PCM WAV, read from its header only; a file
+    this project cannot use (not a WAV, compressed, 0 channels, no samples, 0 Hz) is a DataError naming it."""
+    try:
+        with wave.open(str(path), 'rb') as f:
+            info = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
+    except (wave.Error, EOFError) as err:
+        what = f"({err})" if str(err) else "(its header is cut short)"
+        raise DataError(f"{path} is not a PCM WAV file the wave module can read {what}; convert it to 16-bit PCM.") from None
+    except OSError as err:
+        raise DataError(f"{path} cannot be read as a WAV file ({err.strerror or err}).") from None
+    channels, width, rate, frames = info
+    if width not in (1, 2, 3, 4):
+        raise DataError(f"{path} has {8 * width}-bit samples; only 8, 16, 24 and 32-bit PCM WAV files are supported.")
+    if rate <= 0:
+        raise DataError(f"{path} declares a sample rate of {rate} Hz; fix its header or convert it again.")
+    if frames == 0:
+        raise DataError(f"{path} is an empty WAV file (0 samples); replace or remove it.")
+    return info
 
 
 def write_wav(path, waveform, sample_rate=16000):
@@ -850,10 +874,19 @@ def noise_recording(kind, num_samples, generator=None, noise_dir=None, sample_ra
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {kind} noise recording at {path}; put READ's {kind}.wav there "
                                 "or leave noise_dir unset to use the synthetic stand-in.")
-    noise, rate = read_wav(path)
-    if rate != sample_rate:
-        noise = torchaudio.functional.resample(noise, rate, sample_rate)
-    return noise
+    key = (os.path.abspath(path), os.path.getmtime(path), sample_rate)
+    if key not in _NOISE:  # read and resampled once per run, not once per clip
+        noise, rate = read_wav(path)  # stereo is averaged to mono
+        if rate != sample_rate:  # to the clip's rate, so the overlay keeps the clip's length and pitch
+            noise = torchaudio.functional.resample(noise, rate, sample_rate)
+        if noise.numel() == 0:
+            raise DataError(f"{path} is shorter than one sample at {sample_rate} Hz; use a longer recording.")
+        _NOISE.clear()
+        _NOISE[key] = noise
+    return _NOISE[key]
+
+
+_NOISE = {}  # the last noise recording read, resampled
 
 
 def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_rate=16000):
@@ -1004,33 +1037,78 @@ _CLEAN = {}  # clean pre-processed inputs of the embedded benchmark, per (modali
 # ----------------------------------------------------------------------------------------------
 # The READ / Kinetics50-C / VGGSound-C file layout
 # ----------------------------------------------------------------------------------------------
-def read_label_csv(path):
-    """Label CSV `index,mid[,display_name]` (with a header row) -> {mid: index}."""
+def check_input_file(path, what, hint):
+    """A DataError unless `path` is an existing file: says whether it is missing or a folder."""
+    if os.path.isdir(path):
+        raise DataError(f"{what} {path} is a folder, not a file; {hint}")
     if not os.path.isfile(path):
-        raise DataError(f"label CSV {path} does not exist; pass the class_labels_indices_*.csv of your dataset.")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
+        raise DataError(f"{what} {path} does not exist; {hint}")
+
+
+def _read_text(path, what):
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a spreadsheet's BOM is not a label
+            return f.read()
+    except UnicodeDecodeError:
+        raise DataError(f"{what} {path} is not UTF-8 text (a binary file?); pass the right file.") from None
+
+
+def read_label_csv(path):
+    """Label CSV `index,mid[,display_name]` (with a header row) -> {mid: index}; the indices must be 0..K-1."""
+    check_input_file(path, "label CSV", "pass the class_labels_indices_*.csv of your dataset.")
+    rows = [r for r in csv.reader(_read_text(path, "label CSV").splitlines()) if r and any(c.strip() for c in r)]
     if rows and not rows[0][0].strip().isdigit():
         rows = rows[1:]  # header
     if not rows:
         raise DataError(f"label CSV {path} has no rows; expected lines `index,mid,display_name`.")
-    bad = next((r for r in rows if len(r) < 2 or not r[0].strip().isdigit()), None)
+    bad = next((r for r in rows if len(r) < 2 or not r[0].strip().isdigit() or not r[1].strip()), None)
     if bad is not None:
         raise DataError(f"label CSV {path} has the line {','.join(bad)!r}; every line needs `index,mid[,display_name]`.")
-    return {r[1].strip(): int(r[0]) for r in rows}
+    mids = [r[1].strip() for r in rows]
+    indices = [int(r[0]) for r in rows]
+    twice = next((m for m in mids if mids.count(m) > 1), None)
+    if twice is not None:
+        raise DataError(f"label CSV {path} lists the label {twice!r} twice; every mid needs exactly one index.")
+    if sorted(indices) != list(range(len(rows))):
+        # the model's output k is class k: other indices would silently mislabel (or crash on) every clip
+        raise DataError(f"label CSV {path} has indices {_span(indices)}, not exactly 0..{len(rows) - 1} "
+                        f"(one per line, each once); renumber them from 0.")
+    return dict(zip(mids, indices))
+
+
+def _span(values):
+    v = sorted(values)
+    return f"{v[0]}..{v[-1]}" + (" with repeats or gaps" if len(set(v)) != len(v) or v[-1] - v[0] + 1 != len(v) else "")
+
+
+ENTRY_FIELDS = ("video_id", "wav", "video_path", "labels")
 
 
 def read_json_list(path):
-    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts."""
-    if not os.path.isfile(path):
-        raise DataError(f"data list {path} does not exist; check the path (or --data-root) you passed.")
-    with open(path) as f:
-        try:
-            entries = json.load(f).get("data", [])
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(f"{path} is not a READ data list (a JSON object with a 'data' list).") from None
+    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts (fields checked)."""
+    check_input_file(path, "data list", "check the path (or --data-root) you passed.")
+    try:
+        obj = json.loads(_read_text(path, "data list"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); "
+                        f"READ's lists look like {{\"data\": [...]}}.") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise DataError(f"{path} is not a READ data list (a JSON object with a 'data' list of clips).")
+    entries = obj["data"]
     if not entries:
         raise DataError(f"data list {path} is empty; there is nothing to evaluate.")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise DataError(f"entry {i} of {path} is {type(e).__name__} {str(e)[:40]!r}, not an object with "
+                            f"{', '.join(ENTRY_FIELDS)}.")
+        lacking = [k for k in ENTRY_FIELDS if k not in e]
+        if lacking:
+            raise DataError(f"an entry of {path} has no {lacking[0]!r} field ({str(e)[:80]}); READ's lists need "
+                            f"video_id, wav, video_path and labels.")
+        wrong = next((k for k in ENTRY_FIELDS if not isinstance(e[k], str) or not e[k].strip()), None)
+        if wrong is not None:
+            raise DataError(f"entry {i} of {path} has {wrong} = {e[wrong]!r}; every field of a clip is a non-empty "
+                            f"string (labels: comma-separated mids).")
     return entries
 
 
@@ -1041,6 +1119,15 @@ def frame_path(entry, index=5):
         if os.path.isfile(p):
             return p
     return None
+
+
+def _check_image_header(path):
+    """A DataError unless the file starts like a JPEG or PNG (a cheap check at start; decoding is per batch)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not (head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n")):
+        raise DataError(f"{path} is not a JPEG or PNG image ({'empty' if not head else 'wrong first bytes'}); "
+                        f"replace or remove it.")
 
 
 class ReadLayoutDataset(torch.utils.data.Dataset):
@@ -1056,10 +1143,6 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
         mid_to_index = read_label_csv(label_csv)
         self.items, skipped = [], []
         for e in entries:
-            lacking = [k for k in ("video_id", "wav", "video_path", "labels") if k not in e]
-            if lacking:
-                raise DataError(f"an entry of {json_path} has no {lacking[0]!r} field ({e}); READ's lists need "
-                                f"video_id, wav, video_path and labels.")
             mids = [m.strip() for m in str(e["labels"]).split(",") if m.strip()]
             unknown = [m for m in mids if m not in mid_to_index]
             if not mids or unknown:
@@ -1069,6 +1152,11 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
             if frame is None or not os.path.isfile(e["wav"]):
                 skipped.append(e["video_id"])
                 continue
+            _, _, rate, n = wav_info(e["wav"])  # header only: an empty, 0-channel or compressed WAV is named now
+            if n * SAMPLE_RATE < FBANK_WINDOW * rate:
+                raise DataError(f"{e['wav']} lasts {1000 * n / rate:.1f} ms, shorter than one 25 ms fbank window; "
+                                f"replace or remove it.")
+            _check_image_header(frame)
             # Kinetics50 and VGGSound are single-label: the first label is the class.
             self.items.append((e["wav"], frame, mid_to_index[mids[0]]))
         if skipped:
@@ -1147,8 +1235,30 @@ def missing_masks(n, kind, rate, seed=0):
 
 def with_missing(dataset, has_audio, has_video):
     """Mark modalities missing: the missing input is replaced by zeros (CMPT's placeholder for audio
-    and video, applied to the model's input tensors) and has_audio / has_video are added."""
+    and video, applied to the model's input tensors) and has_audio / has_video are added.
+    In-memory AVTensors get new tensors; any other dataset (READ layout) is wrapped clip by clip."""
+    if not isinstance(dataset, AVTensors):
+        return MissingModalities(dataset, has_audio, has_video)
     f = dataset.fields
     audio = torch.where(has_audio[:, None, None], f["audio"], torch.zeros_like(f["audio"]))
     video = torch.where(has_video[:, None, None, None], f["video"], torch.zeros_like(f["video"]))
     return dataset.with_fields(audio=audio, video=video, has_audio=has_audio, has_video=has_video)
+
+
+class MissingModalities(torch.utils.data.Dataset):
+    """A dataset whose clips are read on demand, with modalities marked missing as `with_missing` does."""
+
+    def __init__(self, dataset, has_audio, has_video):
+        assert len(has_audio) == len(has_video) == len(dataset), "one availability flag per clip"
+        self.dataset, self.has_audio, self.has_video = dataset, has_audio, has_video
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = dict(self.dataset[i])
+        if not self.has_audio[i]:
+            item["audio"] = torch.zeros_like(item["audio"])
+        if not self.has_video[i]:
+            item["video"] = torch.zeros_like(item["video"])
+        return {**item, "has_audio": self.has_audio[i], "has_video": self.has_video[i]}

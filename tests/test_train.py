@@ -28,8 +28,8 @@ def test_read_layout_training_needs_its_lists(tmp_path):
     (["--method", "cmpt", "--map-rate", "70"], "--map-rate is a fraction in (0, 1]"),
     (["--method", "cmpt", "--variants", "nope"], "unknown variant 'nope' of cmpt"),
     (["--method", "aoept", "--protocols", "inference"], "aoept reports only the map protocol"),
-    (["--method", "cmpt", "--checkpoint", "/nonexistent/typo.pt"], "--checkpoint /nonexistent/typo.pt does not exist"),
-    (["--method", "cmpt", "--data", "read"], "embedded benchmark only"),
+    (["--method", "cmpt", "--checkpoint", "/nonexistent/typo.pt"], "checkpoint file /nonexistent/typo.pt does not exist"),
+    (["--method", "cmpt", "--data", "read"], "needs --train-json, --val-json, --label-csv and --checkpoint"),
 ])
 def test_bad_arguments_end_with_one_sentence(argv, message):
     with pytest.raises(SystemExit) as e:
