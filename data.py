@@ -18,7 +18,17 @@ The embedded benchmark (`embedded_splits`) is generated from a seed in a few sec
 `.cache/` (see the README for its design). Its corruptions are the 15 video + 6 audio corruptions
 of Kinetics50-C / VGGSound-C, applied to the raw frames / waveforms of the test split before
 pre-processing, exactly where READ applied them to the real clips.
+
+Sections, in file order:
+    The one pre-processing path            wav_to_fbank, frames_to_input
+    A dataset of tensors and its batches   AVTensors, make_loader, to_device
+    Corruptions of Kinetics50-C / VGGSound-C   corrupt_video, corrupt_audio, read_image, read_wav, write_wav
+    The embedded benchmark                 generate_embedded, embedded_raw, embedded_split
+    The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, read_layout_split
+    Missing modalities                     missing_masks, with_missing
+    Making a corrupted set in READ's layout   make_corrupted_set, main (`python data.py corrupt --help`)
 """
+import argparse
 import csv
 import json
 import math
@@ -26,6 +36,7 @@ import os
 import pathlib
 import sys
 import wave
+import zlib
 
 import numpy as np
 import torch
@@ -33,6 +44,7 @@ import torch.nn.functional as F
 import torchaudio
 import torchvision.io
 import torchvision.transforms.functional as TF
+from tqdm import tqdm
 
 import common
 
@@ -1262,3 +1274,217 @@ class MissingModalities(torch.utils.data.Dataset):
         if not self.has_video[i]:
             item["video"] = torch.zeros_like(item["video"])
         return {**item, "has_audio": self.has_audio[i], "has_video": self.has_video[i]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Making a corrupted set in READ's layout: `python data.py corrupt`
+# ----------------------------------------------------------------------------------------------
+# READ built Kinetics50-C / VGGSound-C from the clean clips with `make_corruptions/` (ImageNet-C per
+# frame, saved as JPEG quality 85; the audio corruptions per WAV). This does the same with the
+# corruptions above, from any clean READ-layout list:
+#
+#   <out>/clean/severity_0.json                       the clean list (absolute paths)
+#   <out>/video/<corruption>/severity_<s>.json        video_path -> <out>/video/<corruption>/severity_<s>/
+#   <out>/video/<corruption>/severity_<s>/frame_<i>/<video_id>.jpg
+#   <out>/audio/<corruption>/severity_<s>.json        wav -> <out>/audio/<corruption>/severity_<s>/<video_id>.wav
+#
+# Frames are corrupted at their stored size (the spatial parameters scale with the height, see
+# corrupt_video) and saved as JPEG quality 85. A WAV is corrupted at its own sample rate and written
+# as 16-bit mono at that rate; a noise recording is averaged to mono and resampled to the clip's rate
+# first, so a stereo 48 kHz recording does not change a mono 16 kHz clip's length (READ issue #13).
+# Each file's randomness comes from (--seed, corruption, severity, clip, frame), so a resumed run
+# (files already written are skipped) gives the same set as an uninterrupted one.
+JPEG_QUALITY = 85
+CORRUPT_SETTINGS = "corrupt_settings.json"  # in <out>: what the set was made with, checked on resume
+
+
+def file_generator(seed, *parts):
+    """A torch.Generator for one output file, seeded from `seed` and the file's names (crc32)."""
+    return torch.Generator().manual_seed(seed * 2 ** 32 + zlib.crc32("/".join(map(str, parts)).encode()))
+
+
+def clip_frames(entry):
+    """[(i, path)] of the clip's frames <video_path>/frame_<i>/<video_id>.jpg that exist (READ stores 10)."""
+    folder = entry["video_path"]
+    if not os.path.isdir(folder):
+        return []
+    names = sorted((n for n in os.listdir(folder) if n.startswith("frame_") and n[6:].isdigit()), key=lambda n: int(n[6:]))
+    paths = [(int(n[6:]), os.path.join(folder, n, entry["video_id"] + ".jpg")) for n in names]
+    return [(i, p) for i, p in paths if os.path.isfile(p)]
+
+
+def corrupt_frame_file(src, dst, name, severity, generator, frost_dir=None):
+    """Corrupt one frame file at its stored size and write it as JPEG quality 85 (whole or not at all)."""
+    frame = read_image(src)[None].float() / 255                            # (1, 3, H, W) in [0, 1]
+    out = corrupt_video(frame, name, severity, generator=generator, frost_dir=frost_dir)[0]
+    jpeg = torchvision.io.encode_jpeg((out * 255).round().clamp(0, 255).to(torch.uint8), quality=JPEG_QUALITY)
+    common.atomic_write(dst, lambda tmp: torchvision.io.write_file(tmp, jpeg))
+
+
+def corrupt_wav_file(src, dst, name, severity, generator, noise_dir=None):
+    """Corrupt one WAV at its own rate (mono) and write it as 16-bit mono PCM (whole or not at all)."""
+    wav, rate = read_wav(src)                                              # (T,), stereo averaged
+    out = corrupt_audio(wav[None], name, severity, generator=generator, noise_dir=noise_dir, sample_rate=rate)[0]
+    common.atomic_write(dst, lambda tmp: write_wav(tmp, out.clamp(-1, 1), rate))
+
+
+def _absolute(entry):
+    return {**entry, "wav": os.path.abspath(entry["wav"]), "video_path": os.path.abspath(entry["video_path"]) + os.sep}
+
+
+def make_corrupted_set(json_path, out, video=(), audio=(), severities=(5,), noise_dir=None, frost_dir=None,
+                       seed=0, train_json=None, quiet=False):
+    """Write the corrupted copies of the clips in `json_path` in READ's layout under `out` (see above).
+    Returns {'written': n, 'skipped_existing': n, 'clips_without_files': {list: n}}."""
+    out = os.path.abspath(out)
+    entries = [_absolute(e) for e in read_json_list(json_path)]
+    settings = {"source": os.path.abspath(json_path), "seed": seed, "jpeg_quality": JPEG_QUALITY,
+                "noise_dir": os.path.abspath(noise_dir) if noise_dir else None,
+                "frost_dir": os.path.abspath(frost_dir) if frost_dir else None}
+    settings_path = os.path.join(out, CORRUPT_SETTINGS)
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            try:
+                before = json.load(f)
+            except json.JSONDecodeError:
+                before = None
+        if before != settings:
+            raise DataError(f"{out} holds a corrupted set made with other settings ({settings_path}); resume with the "
+                            f"same --json, --seed, --noise-dir and --frost-dir, or choose another --out.")
+    common.write_json(settings_path, settings)
+    common.write_json(os.path.join(out, "clean", "severity_0.json"), {"data": entries})
+    if train_json:  # BriMPR's layout keeps the clean training list beside it (its source statistics)
+        common.write_json(os.path.join(out, "clean", "train.json"),
+                          {"data": [_absolute(e) for e in read_json_list(train_json)]})
+    frames = {e["video_id"]: clip_frames(e) for e in entries} if video else {}
+    with_wav = [e for e in entries if os.path.isfile(e["wav"])]
+    total = len(severities) * (len(video) * sum(len(f) for f in frames.values()) + len(audio) * len(with_wav))
+    report = {"written": 0, "skipped_existing": 0, "clips_without_files": {}}
+    bar = tqdm(total=total, desc="corrupting", unit="file", disable=quiet, dynamic_ncols=True)
+
+    def one(dst, make):
+        if os.path.isfile(dst):
+            report["skipped_existing"] += 1
+        else:
+            make()
+            report["written"] += 1
+        bar.update(1)
+
+    for name in video:
+        for s in severities:
+            folder = os.path.join(out, "video", name, f"severity_{s}")
+            listed = []
+            for e in entries:
+                for i, src in frames[e["video_id"]]:
+                    dst = os.path.join(folder, f"frame_{i}", e["video_id"] + ".jpg")
+                    one(dst, lambda: corrupt_frame_file(src, dst, name, s, file_generator(seed, name, s, e["video_id"], i),
+                                                        frost_dir))
+                if frames[e["video_id"]]:
+                    listed.append({**e, "video_path": folder + os.sep})
+            report["clips_without_files"][f"video/{name}/severity_{s}"] = len(entries) - len(listed)
+            common.write_json(os.path.join(out, "video", name, f"severity_{s}.json"), {"data": listed})
+    for name in audio:
+        for s in severities:
+            folder = os.path.join(out, "audio", name, f"severity_{s}")
+            listed = []
+            for e in with_wav:
+                dst = os.path.join(folder, e["video_id"] + ".wav")
+                one(dst, lambda: corrupt_wav_file(e["wav"], dst, name, s, file_generator(seed, name, s, e["video_id"]),
+                                                  noise_dir))
+                listed.append({**e, "wav": dst})
+            report["clips_without_files"][f"audio/{name}/severity_{s}"] = len(entries) - len(listed)
+            common.write_json(os.path.join(out, "audio", name, f"severity_{s}.json"), {"data": listed})
+    bar.close()
+    return report
+
+
+def _names(values, valid, kind):
+    """--video / --audio values ('all', 'none', names, comma-separated lists) -> names in table order."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        return list(valid)
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise DataError(f"unknown {kind} corruption {bad[0]!r}; choose 'all', 'none' or names from: {', '.join(valid)}.")
+    return [n for n in valid if n in names]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python data.py", description="Data tools. `corrupt`: write corrupted copies of a clean READ-layout "
+        "list in READ's layout (Kinetics50-C / VGGSound-C style), with this project's corruptions.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("corrupt", help="make a corrupted set in READ's layout from a clean list",
+                       description="Write <out>/clean/severity_0.json, <out>/video/<c>/severity_<s>.json with JPEG "
+                       "frames and <out>/audio/<c>/severity_<s>.json with WAVs. Resumable: files already written "
+                       "are skipped; every file is written whole or not at all.")
+    c.add_argument("--json", required=True, help="clean READ-layout list {'data': [{video_id, wav, video_path, labels}]} "
+                                                 "(required)")
+    c.add_argument("--out", required=True, help="output folder, created if needed (required)")
+    c.add_argument("--video", nargs="+", default=["all"],
+                   help=f"video corruptions: all, none, or names ({', '.join(VIDEO_CORRUPTIONS)}) (default: all)")
+    c.add_argument("--audio", nargs="+", default=["all"],
+                   help=f"audio corruptions: all, none, or names ({', '.join(AUDIO_CORRUPTIONS)}) (default: all)")
+    c.add_argument("--severities", nargs="+", default=["5"], help="severities 1..5 (default: 5, the papers' protocol)")
+    c.add_argument("--noise-dir", default=None, help="folder with traffic/crowd/rain/thunder/wind.wav, any rate and "
+                                                     "channel count (default: none, procedural stand-ins)")
+    c.add_argument("--frost-dir", default=None, help="folder of frost photographs, jpg/png (default: none, procedural "
+                                                     "stand-in)")
+    c.add_argument("--seed", default="0", help="seed of the corruptions' randomness, 0 .. 2^32-1 (default: 0)")
+    c.add_argument("--train-json", default=None, help="clean training list to copy to <out>/clean/train.json, where "
+                                                      "adapt.py looks for BriMPR's source clips (default: none)")
+    return p
+
+
+def _check_corrupt_args(args):
+    """Every argument of `corrupt`, checked before any file is written: one sentence per problem."""
+    video = _names(args.video, VIDEO_CORRUPTIONS, "video")
+    audio = _names(args.audio, AUDIO_CORRUPTIONS, "audio")
+    if not video and not audio:
+        raise DataError("--video none and --audio none leave nothing to do; name at least one corruption.")
+    try:
+        severities = sorted({int(s) for s in args.severities})
+    except ValueError:
+        raise DataError(f"--severities {' '.join(args.severities)}: severities are whole numbers 1..5.") from None
+    if any(s not in SEVERITIES for s in severities):
+        raise DataError(f"--severities {' '.join(args.severities)} is out of range; valid severities are 1, 2, 3, 4, 5.")
+    if not args.seed.isdigit() or int(args.seed) >= 2 ** 32:
+        raise DataError(f"--seed {args.seed}: a seed is a whole number from 0 to {2 ** 32 - 1}.")
+    read_json_list(args.json)
+    if args.train_json:
+        read_json_list(args.train_json)
+    kinds = [k for k in audio if k != "gaussian_noise"]
+    if args.noise_dir:
+        if not os.path.isdir(args.noise_dir):
+            raise DataError(f"--noise-dir {args.noise_dir} is not a folder; pass the folder with <kind>.wav.")
+        for k in kinds:
+            check_input_file(os.path.join(args.noise_dir, f"{k}.wav"), "noise recording",
+                             f"--noise-dir needs {', '.join(k + '.wav' for k in kinds)}.")
+            wav_info(os.path.join(args.noise_dir, f"{k}.wav"))
+    if args.frost_dir and not os.path.isdir(args.frost_dir):
+        raise DataError(f"--frost-dir {args.frost_dir} is not a folder; pass a folder of frost photographs (jpg/png).")
+    common.check_output_folder(args.out, "--out")
+    return video, audio, severities
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        video, audio, severities = _check_corrupt_args(args)
+        report = make_corrupted_set(args.json, args.out, video, audio, severities, args.noise_dir, args.frost_dir,
+                                    int(args.seed), args.train_json)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {common.error_sentence(e)}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: every file written so far in {args.out} is complete and the JSON lists of finished "
+                 f"corruptions are written; run the same command again to continue (written files are skipped).")
+    missing = {k: v for k, v in report["clips_without_files"].items() if v}
+    print(f"wrote {report['written']} files, kept {report['skipped_existing']} already there, in {args.out}"
+          + (f"; clips left out for lack of frames or WAV: {missing}" if missing else ""))
+    return report
+
+
+if __name__ == "__main__":
+    main()
