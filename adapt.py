@@ -516,10 +516,13 @@ def corruption_list(modality, corruption):
         names = ", ".join(valid)
     if corruption == "all":
         return valid
-    chosen = corruption.split(",")
+    chosen = [c.strip() for c in corruption.split(",")]
     bad = [c for c in chosen if c not in valid]
     if bad:
         raise ValueError(f"unknown {modality} corruption {bad[0]!r}; choose 'all' or one of {names}.")
+    twice = next((c for c in chosen if chosen.count(c) > 1), None)
+    if twice:
+        raise ValueError(f"--corruption names {twice} twice; give each corruption once.")
     return chosen
 
 
@@ -568,16 +571,18 @@ def source_batch_fn(args, model, device):
 # The run
 # ----------------------------------------------------------------------------------------------
 def load_model(args, device):
+    """The source model: --checkpoint, or the default embedded one (trained first if missing or unreadable).
+    A model trained on another seed of the embedded benchmark is refused, as train.py does."""
     if args.checkpoint:
-        return common.load_checkpoint(args.checkpoint, config=args.config, device=device)
-    if args.data != "embedded":
+        model, meta = common.load_checkpoint(args.checkpoint, config=args.config, device=device)
+    elif args.data != "embedded":
         raise ValueError("--data read needs --checkpoint (your CAV-MAE fine-tuned checkpoint) and --config.")
-    path = train.default_checkpoint("embedded", args.config or "tiny")
-    if not os.path.isfile(path):
-        print(f"no source checkpoint at {path}: training one first (about half a minute on a CPU)")
-        train.train_source(train.build_parser().parse_args(["--config", args.config or "tiny", "--out", path,
-                                                            "--device", str(device)]))
-    return common.load_checkpoint(path, device=device)
+    else:
+        model, meta = train.default_source(args.config or "tiny", args.data_seed, device)
+    if args.data == "embedded":
+        train.check_data_seed(args.checkpoint or train.default_checkpoint("embedded", args.config or "tiny"),
+                              meta, args.data_seed)
+    return model, meta
 
 
 def method_names(args):
@@ -708,11 +713,11 @@ def run(args):
     per_seed_avg = {n: [float(np.mean([acc[c][n][s] for c in corruptions])) for s in range(len(args.seeds))]
                     for n in names}
     avg = {n: float(np.mean(v)) for n, v in per_seed_avg.items()}
-    train.write_json(out, {"args": vars(args), "methods": names, "batch_size": bs, "accuracy": summary,
-                           "average": avg, "average_std": {n: float(np.std(v)) for n, v in per_seed_avg.items()},
-                           "average_per_seed": per_seed_avg, "wall_seconds": wall,
-                           "samples_per_second": n_samples / wall, "ms_per_batch": ms,
-                           "source_ms_per_batch": {str(b): v for b, v in source_ms.items()},
+    common.write_json(out, {"args": vars(args), "methods": names, "batch_size": bs, "accuracy": summary,
+                            "average": avg, "average_std": {n: float(np.std(v)) for n, v in per_seed_avg.items()},
+                            "average_per_seed": per_seed_avg, "wall_seconds": wall,
+                            "samples_per_second": n_samples / wall, "ms_per_batch": ms,
+                            "source_ms_per_batch": {str(b): v for b, v in source_ms.items()},
                            "time_ratio_to_source": ratio})
     print(f"wrote {out}")
     return avg, summary
@@ -741,69 +746,146 @@ def results_table(acc, columns, n_seeds, timing=None):
     return "\n".join(lines)
 
 
+def method_list():
+    """'source, tent, read, ...': the methods of --method / --methods, for --help."""
+    return ", ".join(METHODS)
+
+
+def batch_sizes():
+    """'source 64, ..., abpem 8 (ks50) / 32 (vggsound) / 8 (embedded), ...': each method's BATCH_SIZE, for --help."""
+    def show(b):
+        return " / ".join(f"{v} ({k})" for k, v in b.items()) if isinstance(b, dict) else str(b)
+    return ", ".join(f"{name} {show(get_method(name).BATCH_SIZE)}" for name in METHODS)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="adaptation method, printed beside Source (default: brimpr)")
+                   help=f"adaptation method printed beside Source, one of: {method_list()} (default: brimpr)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="NAME",
                    help="several methods on the same streams, one column each (Source always included): "
-                        "e.g. --methods source tent eata sar deyo read abpem brimpr; overrides --method")
-    p.add_argument("--no-cache", action="store_true",
-                   help="ABPEM: switch off the public code's feature cache of recent batches (on in every released "
-                        "script and by default here)")
+                        "e.g. --methods source tent eata sar deyo read abpem brimpr; overrides --method (default: none)")
     p.add_argument("--modality", default="video", choices=["video", "audio", "both"],
-                   help="which modality is corrupted (both: every video corruption paired with every audio one)")
-    p.add_argument("--corruption", default="all", help="'all', a corruption name, or a comma-separated list")
-    p.add_argument("--severity", type=int, default=5, choices=[1, 2, 3, 4, 5], help="corruption severity")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds (stream order, masks); results are averaged")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the method paper's batch size")
-    p.add_argument("--continual", action="store_true", help="all corruption types in one stream, no reset between them")
+                   help="which modality is corrupted (both: every video corruption paired with every audio one) "
+                        "(default: video)")
+    p.add_argument("--corruption", default="all",
+                   help="'all', a corruption name, or a comma-separated list; video: "
+                        f"{', '.join(data.VIDEO_CORRUPTIONS)}; audio: {', '.join(data.AUDIO_CORRUPTIONS)}; "
+                        "both: video+audio pairs (default: all)")
+    p.add_argument("--severity", type=int, default=5, choices=[1, 2, 3, 4, 5], help="corruption severity (default: 5)")
+    p.add_argument("--seeds", type=train.seed_int, nargs="+", default=[1],
+                   help="seeds (stream order, masks), distinct; results are averaged (default: 1)")
+    p.add_argument("--batch-size", type=train.positive_int, default=None,
+                   help=f"test batch size (default: the method paper's: {batch_sizes()})")
+    p.add_argument("--no-cache", action="store_true",
+                   help="ABPEM only: switch off the public code's feature cache of recent batches (default: on, as in "
+                        "every released script)")
+    p.add_argument("--continual", action="store_true",
+                   help="all corruption types in one stream, no reset between them (default: off, reset per type)")
     p.add_argument("--data", default="embedded", choices=["embedded", "read"],
-                   help="embedded benchmark (generated locally) or Kinetics50-C / VGGSound-C in READ's file layout")
+                   help="embedded benchmark (generated locally) or Kinetics50-C / VGGSound-C in READ's file layout "
+                        "(default: embedded)")
     p.add_argument("--dataset", default=None, choices=["ks50", "vggsound", "embedded"],
-                   help="picks the papers' per-dataset hyper-parameters (default: embedded)")
-    p.add_argument("--data-root", default=None, help="READ layout: folder with clean/, video/, audio/ JSON lists")
-    p.add_argument("--label-csv", default=None, help="READ layout: class_labels_indices CSV")
-    p.add_argument("--source-json", default=None, help="READ layout: clean training list for BriMPR's source "
+                   help="picks the papers' per-dataset hyper-parameters (default: embedded; required with --data read)")
+    p.add_argument("--data-root", default=None,
+                   help="--data read: folder with clean/, video/, audio/ JSON lists (default: none, required)")
+    p.add_argument("--label-csv", default=None,
+                   help="--data read: class_labels_indices CSV, indices 0..K-1 (default: none, required)")
+    p.add_argument("--source-json", default=None, help="--data read: clean training list for BriMPR's source "
                                                        "statistics (default: <data-root>/clean/train.json)")
     p.add_argument("--checkpoint", default=None, help="source checkpoint (default: checkpoints/embedded_<config>.pt, "
-                                                      "trained on the fly if missing)")
+                                                      "trained on the fly if missing; required with --data read)")
     p.add_argument("--config", default=None, choices=list(common.CONFIGS),
-                   help="model configuration of a published checkpoint (ours carry their own)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the embedded benchmark")
-    p.add_argument("--frost-dir", default=None, help="folder of real frost photographs (default: procedural stand-in)")
-    p.add_argument("--noise-dir", default=None, help="folder with traffic/crowd/rain/thunder/wind.wav "
-                                                     "(default: procedural stand-ins)")
+                   help="model configuration of a published checkpoint; ours carry their own (default: the "
+                        "checkpoint's own; tiny for the default checkpoint; base for a bare state dict)")
+    p.add_argument("--data-seed", type=train.seed_int, default=0,
+                   help="seed of the embedded benchmark; must match the checkpoint's (default: 0)")
+    p.add_argument("--frost-dir", default=None,
+                   help="--data embedded: folder of real frost photographs (default: none, procedural stand-in)")
+    p.add_argument("--noise-dir", default=None, help="--data embedded: folder with traffic/crowd/rain/thunder/wind.wav "
+                                                     "(default: none, procedural stand-ins)")
     p.add_argument("--results", default=None, help="results JSON (default: results/adapt_<methods>_<modality>"
                                                    "[_<selection>].json, named by what was run)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (READ layout)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=train.non_negative_int, default=0,
+                   help="DataLoader workers, useful with --data read (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.data == "read" and not (args.data_root and args.label_csv):
-        sys.exit("error: --data read needs --data-root (the folder with clean/, video/, audio/) and --label-csv.")
-    if args.data == "read" and (args.frost_dir or args.noise_dir):
-        sys.exit("error: --frost-dir and --noise-dir apply to --data embedded only (READ's files are corrupted already).")
-    if args.batch_size is not None and args.batch_size < 1:
-        sys.exit(f"error: --batch-size must be at least 1, not {args.batch_size}.")
+def check_args(args, parser):
+    """Every check that needs no model or data work, before run() starts: one sentence per problem."""
+    common.get_device(args.device)
+    given = lambda name: getattr(args, name) != parser.get_default(name)  # noqa: E731
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"error: --seeds {' '.join(map(str, args.seeds))} repeats a seed; give each seed once.")
+    if args.no_cache and "abpem" not in method_names(args):
+        raise SystemExit("error: --no-cache switches off ABPEM's feature cache; add abpem to --method / --methods.")
+    if args.data == "read":
+        if not (args.data_root and args.label_csv):
+            raise SystemExit("error: --data read needs --data-root (the folder with clean/, video/, audio/) and --label-csv.")
+        if args.frost_dir or args.noise_dir:
+            raise SystemExit("error: --frost-dir and --noise-dir apply to --data embedded only "
+                             "(READ's files are corrupted already; make corrupted copies with `python data.py corrupt`).")
+        if not os.path.isdir(args.data_root):
+            raise SystemExit(f"error: --data-root {args.data_root} is not a folder; pass the folder with clean/, "
+                             f"video/ and audio/.")
+        if not args.checkpoint:
+            raise SystemExit("error: --data read needs --checkpoint: a CAV-MAE model fine-tuned on that dataset "
+                             "(a published one with --config base, or one from `python train.py --data read`).")
+        if not args.dataset:
+            raise SystemExit("error: --data read needs --dataset ks50 or vggsound (it picks the papers' per-dataset "
+                             "settings).")
+        data.read_label_csv(args.label_csv)
+        if args.source_json:
+            data.check_input_file(args.source_json, "--source-json", "pass a READ-format clean training list.")
+    else:
+        ignored = [f"--{n.replace('_', '-')}" for n in ("data_root", "label_csv", "source_json") if given(n)]
+        if ignored:
+            raise SystemExit(f"error: {ignored[0]} applies to --data read only; add --data read to use your files.")
     if args.frost_dir and not os.path.isdir(args.frost_dir):
-        sys.exit(f"error: --frost-dir {args.frost_dir} is not a folder; pass a folder of frost photographs (jpg/png).")
+        raise SystemExit(f"error: --frost-dir {args.frost_dir} is not a folder; pass a folder of frost photographs (jpg/png).")
+    chosen = corruption_list(args.modality, args.corruption)  # unknown names end here, before any work
     if args.noise_dir:
-        try:
-            kinds = {c.split("+")[-1] for c in corruption_list(args.modality, args.corruption)} & set(data.AUDIO_CORRUPTIONS[1:])
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        if not os.path.isdir(args.noise_dir):
+            raise SystemExit(f"error: --noise-dir {args.noise_dir} is not a folder; pass the folder with <kind>.wav.")
+        kinds = {c.split("+")[-1] for c in chosen} & set(data.AUDIO_CORRUPTIONS[1:])
         missing = sorted(k for k in kinds if not os.path.isfile(os.path.join(args.noise_dir, f"{k}.wav")))
         if args.modality != "video" and missing:
-            sys.exit(f"error: --noise-dir {args.noise_dir} has no {missing[0]}.wav; it needs <kind>.wav for "
-                     f"{', '.join(sorted(kinds))}.")
+            raise SystemExit(f"error: --noise-dir {args.noise_dir} has no {missing[0]}.wav; it needs <kind>.wav for "
+                             f"{', '.join(sorted(kinds))}.")
+        for k in sorted(kinds) if args.modality != "video" else []:
+            data.wav_info(os.path.join(args.noise_dir, f"{k}.wav"))
+    if args.results:
+        common.check_output_file(args.results, "--results")
+    else:
+        common.check_output_folder(train.RESULTS_DIR, "the results folder")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.time()
+    default_ckpt = train.default_checkpoint("embedded", args.config or "tiny")
     try:
+        check_args(args, parser)
         return run(args)
     except (common.CheckpointError, data.DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {common.error_sentence(e)}")
+    except KeyboardInterrupt:
+        outputs = [("results", args.results)] if args.results else \
+            [("results", p) for p in new_files(train.RESULTS_DIR, started)] or [("the results JSON", None)]
+        if not args.checkpoint and args.data == "embedded" and \
+                (not os.path.isfile(default_ckpt) or os.path.getmtime(default_ckpt) >= started):
+            outputs.insert(0, ("source checkpoint", default_ckpt))
+        sys.exit(common.interrupted_message(started, outputs))
+
+
+def new_files(folder, since):
+    """Files in `folder` written since `since` (time.time())."""
+    if not os.path.isdir(folder):
+        return []
+    paths = (os.path.join(folder, n) for n in sorted(os.listdir(folder)))
+    return [p for p in paths if os.path.isfile(p) and os.path.getmtime(p) >= since]
 
 
 if __name__ == "__main__":

@@ -357,8 +357,7 @@ def load_or_compute_source_statistics(model, ctx, n=NUM_SOURCE_SAMPLES, seed=SOU
         cpu = {m: {s: t.cpu() for s, t in d.items()} for m, d in stats.items()}
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            torch.save({"key": key, "stats": cpu}, f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+            common.atomic_save({"key": key, "stats": cpu}, path)  # unique temp name per process
         except OSError as err:  # a read-only folder: go on without the cache
             print(f"[brimpr] could not cache the source statistics at {path} ({err}); continuing without")
     return stats

@@ -28,8 +28,10 @@ raw attention logits for ABPEM), `fuse_single` (one modality through the unified
 
 Dimension key: B batch, N tokens, D width, H heads, K classes, L modality-specific layers.
 """
+import json
 import os
 import random
+import uuid
 
 import numpy as np
 import torch
@@ -235,16 +237,25 @@ def keep_tokens(x, keep, generator=None):
 # Device, seeding, checkpoints
 # ----------------------------------------------------------------------------------------------
 def get_device(name=None):
-    """`cuda` when available, else `cpu`; `name` ('cpu', 'cuda', 'cuda:1') overrides."""
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise SystemExit(f"--device {name} is not a device name; use cpu, cuda or cuda:N.") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`cuda` when available, else `cpu`; `name` ('cpu', 'cuda', 'cuda:1', 'mps', ...) overrides.
+    A device this torch cannot use ends the run here, with one sentence, before any work."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name} is not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} was asked for but CUDA is not available here; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0.")
+    try:
+        torch.zeros(1, device=device)
+    except Exception:  # e.g. mps on Linux, xpu without its build: torch knows the name but cannot use it
+        raise SystemExit(f"error: --device {name} is not available in this PyTorch build on this machine; "
+                         f"use --device cpu{' or cuda' if torch.cuda.is_available() else ''}.") from None
+    return device
 
 
 def seed_everything(seed):
@@ -260,12 +271,9 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path, model, **meta):
-    """Save {'config', 'num_classes', 'state_dict', **meta}; written to a temp file, then renamed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save({"config": model.config, "num_classes": model.num_classes,
-                "state_dict": model.state_dict(), **meta}, tmp)
-    os.replace(tmp, path)
+    """Save {'config', 'num_classes', 'state_dict', **meta}, whole or not at all (`atomic_save`)."""
+    atomic_save({"config": model.config, "num_classes": model.num_classes,
+                 "state_dict": model.state_dict(), **meta}, path)
 
 
 def load_state_dict_strict(model, state_dict, source="checkpoint"):
@@ -295,18 +303,20 @@ def load_checkpoint(path, config=None, device="cpu"):
     dict with `module.` keys: pass `config='base'`, the class count is read from mlp_head.1.
     Returns (model in eval mode on `device`, metadata dict).
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} does not exist; train one with `python train.py` "
-                              f"or pass the path of a downloaded CAV-MAE checkpoint with --checkpoint.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated download, ...
-        raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}); "
-                              f"is the file complete?") from None
+    obj = _read_checkpoint(path)
     if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        if config and config != obj["config"]:
+            raise CheckpointError(f"{path} holds a {obj['config']!r} model but --config {config} was given; "
+                                  f"drop --config (our checkpoints carry their own) or pass --config {obj['config']}.")
+        if obj["config"] not in CONFIGS:
+            raise CheckpointError(f"{path} names the model configuration {obj['config']!r}, which this code does not "
+                                  f"know ({', '.join(CONFIGS)}); was it written by another version?")
         sd, cfg = obj["state_dict"], config or obj["config"]
-    elif isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise CheckpointError(f"{path} has a 'state_dict' entry that is not a dict of tensors; "
+                                  f"it was not written by train.py.")
+    elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         meta, sd, cfg = {}, obj, config or "base"
     else:
         raise CheckpointError(f"{path} is not a CAV-MAE state dict nor a checkpoint written by train.py.")
@@ -317,3 +327,142 @@ def load_checkpoint(path, config=None, device="cpu"):
     load_state_dict_strict(model, sd, source=path)
     meta.update(config=cfg, num_classes=head.shape[0])
     return model.to(device).eval(), meta
+
+
+def _read_checkpoint(path):
+    """torch.load a checkpoint file (weights only); anything else is a CheckpointError saying what the file is."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"--checkpoint {path} is a folder, not a checkpoint file; pass the .pt/.pth file inside it.")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist; train one with `python train.py` "
+                              f"or pass the path of a downloaded CAV-MAE checkpoint with --checkpoint.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated download, pickled Python objects, ...
+        raise CheckpointError(f"{path} {describe_unreadable(path, e)}") from None
+    return obj
+
+
+def describe_unreadable(path, error=None):
+    """What a file that torch.load refused is, as the end of a sentence starting with its path."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "is empty (0 bytes), not a PyTorch checkpoint; the download or the save did not finish."
+    if head.startswith(b"PK\x03\x04"):
+        return ("is a zip archive (PyTorch's format) that torch cannot read: it is truncated or damaged; "
+                "download or save it again.")
+    if head[:1] == b"\x80" and error is not None and "weights_only" in str(error):
+        return ("is a pickle of Python objects that torch refuses to load safely (weights_only); "
+                "save the model's state_dict instead.")
+    if head[:1] == b"\x80":
+        return "is a pickle file but not a complete PyTorch checkpoint; it is truncated or damaged."
+    try:
+        text = head.decode("utf-8")
+        if text.lstrip().startswith(("<!DOCTYPE", "<html", "<HTML")):
+            return "is an HTML page (a failed download?), not a PyTorch checkpoint."
+        return f"is a text file (starting {text[:40].strip()!r}), not a PyTorch checkpoint."
+    except UnicodeDecodeError:
+        return "is not a PyTorch checkpoint (neither a zip archive nor a pickle)."
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written whole or not at all; caches that rebuild themselves; output paths checked up front
+# ----------------------------------------------------------------------------------------------
+def temp_name(path):
+    """A temporary name beside `path`, unique to this process and call (two runs never share one)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path, write):
+    """Call write(temp_path), then rename the temp file onto `path`: readers see the old file or the whole
+    new one, never a part; the temp file is removed if writing fails or is interrupted (Ctrl-C)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), whole or not at all (`atomic_write`)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(path, obj):
+    """Write a JSON results file whole or not at all (`atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    return atomic_write(path, write)
+
+
+def load_or_rebuild(path, build, valid=lambda obj: True, note=print):
+    """A cached object: torch.load(path) when the file is readable and valid(obj); otherwise (missing,
+    truncated, foreign, from another version) obj = build(), saved with `atomic_save`, returned.
+    A folder that cannot be written is reported with `note` and the object is used without caching."""
+    if os.path.isfile(path):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if valid(obj):
+                return obj
+        except Exception:
+            pass
+        note(f"[cache] {path} is unreadable or not what this version writes; rebuilding it")
+    obj = build()
+    try:
+        atomic_save(obj, path)
+    except OSError as err:
+        note(f"[cache] could not write {path} ({err.strerror or err}); continuing without the cache")
+    return obj
+
+
+def check_output_file(path, flag):
+    """Refuse, before any work, an output path that cannot be written: a folder, a path below a file, or a
+    folder without write permission. Raises SystemExit with one sentence naming `flag`."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out.json')}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):  # the nearest folder that exists (the rest is created on save)
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"error: {flag} {path} cannot be created: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SystemExit(f"error: {flag} {path} cannot be written: no write permission in {existing}; "
+                         f"choose another location.")
+    return path
+
+
+def check_output_folder(path, flag):
+    """Like check_output_file for a folder that will receive files."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is a file; give a folder.")
+    check_output_file(os.path.join(path, "x"), flag)
+    return path
+
+
+def error_sentence(e):
+    """The message of a user error as one line. An error raised in a DataLoader worker comes back with the
+    worker's traceback in its text; keep only its last line (the original message)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
+    return text
+
+
+def interrupted_message(started, outputs):
+    """One line after Ctrl-C: which of `outputs` ((what, path) pairs) were written during this run and which not.
+    Every file is written whole or not at all, so nothing half-written is left."""
+    saved = [f"{what} {p}" for what, p in outputs if p and os.path.isfile(p) and os.path.getmtime(p) >= started]
+    missed = [f"{what} {p}" if p else what for what, p in outputs
+              if not (p and os.path.isfile(p) and os.path.getmtime(p) >= started)]
+    return (f"interrupted: saved {', '.join(saved) if saved else 'nothing'}; "
+            f"not saved: {', '.join(missed) if missed else 'nothing'} (no file is left half-written).")

@@ -18,7 +18,17 @@ The embedded benchmark (`embedded_splits`) is generated from a seed in a few sec
 `.cache/` (see the README for its design). Its corruptions are the 15 video + 6 audio corruptions
 of Kinetics50-C / VGGSound-C, applied to the raw frames / waveforms of the test split before
 pre-processing, exactly where READ applied them to the real clips.
+
+Sections, in file order:
+    The one pre-processing path            wav_to_fbank, frames_to_input
+    A dataset of tensors and its batches   AVTensors, make_loader, to_device
+    Corruptions of Kinetics50-C / VGGSound-C   corrupt_video, corrupt_audio, read_image, read_wav, write_wav
+    The embedded benchmark                 generate_embedded, embedded_raw, embedded_split
+    The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, read_layout_split
+    Missing modalities                     missing_masks, with_missing
+    Making a corrupted set in READ's layout   make_corrupted_set, main (`python data.py corrupt --help`)
 """
+import argparse
 import csv
 import json
 import math
@@ -26,6 +36,7 @@ import os
 import pathlib
 import sys
 import wave
+import zlib
 
 import numpy as np
 import torch
@@ -33,15 +44,19 @@ import torch.nn.functional as F
 import torchaudio
 import torchvision.io
 import torchvision.transforms.functional as TF
+from tqdm import tqdm
+
+import common
 
 
 SAMPLE_RATE = 16000
 FBANK_MEAN, FBANK_STD = -5.081, 4.4849  # READ's normalisation constants (KS50 and VGGSound)
+FBANK_WINDOW = 400  # samples in one 25 ms kaldi fbank window at 16 kHz: a shorter clip has no frame
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """A problem with the user's data; the message says what is wrong and what to do."""
 
 
@@ -685,23 +700,27 @@ def corrupt_video(frames, name, severity, generator=None, frost_dir=None):
 
 
 def read_image(path):
-    """A JPEG / PNG file -> uint8 (3, H, W) RGB; an unreadable file is a ValueError naming it."""
+    """A JPEG / PNG file -> uint8 (3, H, W) RGB; an unreadable file is a DataError naming it."""
     try:
-        return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError:
-        raise ValueError(f"{path} is not a readable JPEG/PNG image; replace or remove it.") from None
+        image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+    except (RuntimeError, OSError) as err:
+        why = "it is truncated" if "truncated" in str(err) else "it is damaged or not an image"
+        raise DataError(f"{path} is not a readable JPEG/PNG image ({why}); replace or remove it.") from None
+    if image.shape[-1] == 0 or image.shape[-2] == 0:
+        raise DataError(f"{path} is an empty image (0 pixels); replace or remove it.")
+    return image
 
 
 # --- audio ---
 def read_wav(path):
     """Read a PCM WAV (8/16/24/32-bit) with the standard-library wave module: ((T,) float32 mono
     in [-1, 1], sample_rate). Stereo is averaged to mono."""
-    try:
-        with wave.open(str(path), 'rb') as f:
-            channels, width, rate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            raw = f.readframes(frames)
-    except (wave.Error, EOFError) as err:
-        raise ValueError(f"{path} is not a PCM WAV file the wave module can read ({err}); convert it to 16-bit PCM.")
+    channels, width, rate, _ = wav_info(path)
+    with wave.open(str(path), 'rb') as f:
+        raw = f.readframes(f.getnframes())
+    raw = raw[:len(raw) - len(raw) % (channels * width)]  # a trailing partial frame (odd data size) is dropped
+    if not raw:
+        raise DataError(f"{path} has a WAV header but no complete sample; replace or remove it.")
     if width == 1:
         data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width == 2:
@@ -712,10 +731,29 @@ def read_wav(path):
         data = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / (1 << 23)
     elif width == 4:
         data = (np.frombuffer(raw, '<i4').astype(np.float64) / 2 ** 31).astype(np.float32)
-    else:
-        raise ValueError(f"{path} has {8 * width}-bit samples; only 8, 16, 24 and 32-bit PCM WAV files are supported.")
     data = data.reshape(-1, channels).mean(1)                               # (T,)
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), rate
+
+
+def wav_info(path):
+    """(channels, bytes per sample, sample rate, frames) of a PCM WAV, read from its header only; a file
+    this project cannot use (not a WAV, compressed, 0 channels, no samples, 0 Hz) is a DataError naming it."""
+    try:
+        with wave.open(str(path), 'rb') as f:
+            info = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
+    except (wave.Error, EOFError) as err:
+        what = f"({err})" if str(err) else "(its header is cut short)"
+        raise DataError(f"{path} is not a PCM WAV file the wave module can read {what}; convert it to 16-bit PCM.") from None
+    except OSError as err:
+        raise DataError(f"{path} cannot be read as a WAV file ({err.strerror or err}).") from None
+    channels, width, rate, frames = info
+    if width not in (1, 2, 3, 4):
+        raise DataError(f"{path} has {8 * width}-bit samples; only 8, 16, 24 and 32-bit PCM WAV files are supported.")
+    if rate <= 0:
+        raise DataError(f"{path} declares a sample rate of {rate} Hz; fix its header or convert it again.")
+    if frames == 0:
+        raise DataError(f"{path} is an empty WAV file (0 samples); replace or remove it.")
+    return info
 
 
 def write_wav(path, waveform, sample_rate=16000):
@@ -848,10 +886,19 @@ def noise_recording(kind, num_samples, generator=None, noise_dir=None, sample_ra
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {kind} noise recording at {path}; put READ's {kind}.wav there "
                                 "or leave noise_dir unset to use the synthetic stand-in.")
-    noise, rate = read_wav(path)
-    if rate != sample_rate:
-        noise = torchaudio.functional.resample(noise, rate, sample_rate)
-    return noise
+    key = (os.path.abspath(path), os.path.getmtime(path), sample_rate)
+    if key not in _NOISE:  # read and resampled once per run, not once per clip
+        noise, rate = read_wav(path)  # stereo is averaged to mono
+        if rate != sample_rate:  # to the clip's rate, so the overlay keeps the clip's length and pitch
+            noise = torchaudio.functional.resample(noise, rate, sample_rate)
+        if noise.numel() == 0:
+            raise DataError(f"{path} is shorter than one sample at {sample_rate} Hz; use a longer recording.")
+        _NOISE.clear()
+        _NOISE[key] = noise
+    return _NOISE[key]
+
+
+_NOISE = {}  # the last noise recording read, resampled
 
 
 def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_rate=16000):
@@ -952,20 +999,19 @@ def generate_embedded(seed=0, cfg=EMBEDDED):
 def embedded_raw(seed=0, cache_dir=CACHE_DIR):
     """The raw embedded benchmark, generated once per seed and cached on disk."""
     path = os.path.join(cache_dir, f"embedded_v{EMBEDDED_VERSION}_seed{seed}.pt")
-    if path in _RAW:
-        return _RAW[path]
-    if os.path.isfile(path):
-        _RAW[path] = torch.load(path, weights_only=True)
-        return _RAW[path]
-    raw = generate_embedded(seed)
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(raw, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    _RAW[path] = raw
-    return raw
+    if path not in _RAW:  # a truncated or foreign cache file is regenerated; the temp name is per process
+        _RAW[path] = common.load_or_rebuild(path, lambda: generate_embedded(seed), valid=_is_raw_benchmark)
+    return _RAW[path]
 
 
 _RAW = {}  # the raw benchmark, loaded once per process
+
+
+def _is_raw_benchmark(obj):
+    """Does a cache file hold what generate_embedded returns (three splits of wav, frames, label tensors)?"""
+    return isinstance(obj, dict) and all(
+        isinstance(obj.get(s), dict) and all(torch.is_tensor(obj[s].get(k)) for k in ("wav", "frames", "label"))
+        for s in ("train", "val", "test"))
 
 
 def embedded_split(split, model, seed=0, video_corruption=None, audio_corruption=None, severity=5,
@@ -1003,33 +1049,78 @@ _CLEAN = {}  # clean pre-processed inputs of the embedded benchmark, per (modali
 # ----------------------------------------------------------------------------------------------
 # The READ / Kinetics50-C / VGGSound-C file layout
 # ----------------------------------------------------------------------------------------------
-def read_label_csv(path):
-    """Label CSV `index,mid[,display_name]` (with a header row) -> {mid: index}."""
+def check_input_file(path, what, hint):
+    """A DataError unless `path` is an existing file: says whether it is missing or a folder."""
+    if os.path.isdir(path):
+        raise DataError(f"{what} {path} is a folder, not a file; {hint}")
     if not os.path.isfile(path):
-        raise DataError(f"label CSV {path} does not exist; pass the class_labels_indices_*.csv of your dataset.")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
+        raise DataError(f"{what} {path} does not exist; {hint}")
+
+
+def _read_text(path, what):
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a spreadsheet's BOM is not a label
+            return f.read()
+    except UnicodeDecodeError:
+        raise DataError(f"{what} {path} is not UTF-8 text (a binary file?); pass the right file.") from None
+
+
+def read_label_csv(path):
+    """Label CSV `index,mid[,display_name]` (with a header row) -> {mid: index}; the indices must be 0..K-1."""
+    check_input_file(path, "label CSV", "pass the class_labels_indices_*.csv of your dataset.")
+    rows = [r for r in csv.reader(_read_text(path, "label CSV").splitlines()) if r and any(c.strip() for c in r)]
     if rows and not rows[0][0].strip().isdigit():
         rows = rows[1:]  # header
     if not rows:
         raise DataError(f"label CSV {path} has no rows; expected lines `index,mid,display_name`.")
-    bad = next((r for r in rows if len(r) < 2 or not r[0].strip().isdigit()), None)
+    bad = next((r for r in rows if len(r) < 2 or not r[0].strip().isdigit() or not r[1].strip()), None)
     if bad is not None:
         raise DataError(f"label CSV {path} has the line {','.join(bad)!r}; every line needs `index,mid[,display_name]`.")
-    return {r[1].strip(): int(r[0]) for r in rows}
+    mids = [r[1].strip() for r in rows]
+    indices = [int(r[0]) for r in rows]
+    twice = next((m for m in mids if mids.count(m) > 1), None)
+    if twice is not None:
+        raise DataError(f"label CSV {path} lists the label {twice!r} twice; every mid needs exactly one index.")
+    if sorted(indices) != list(range(len(rows))):
+        # the model's output k is class k: other indices would silently mislabel (or crash on) every clip
+        raise DataError(f"label CSV {path} has indices {_span(indices)}, not exactly 0..{len(rows) - 1} "
+                        f"(one per line, each once); renumber them from 0.")
+    return dict(zip(mids, indices))
+
+
+def _span(values):
+    v = sorted(values)
+    return f"{v[0]}..{v[-1]}" + (" with repeats or gaps" if len(set(v)) != len(v) or v[-1] - v[0] + 1 != len(v) else "")
+
+
+ENTRY_FIELDS = ("video_id", "wav", "video_path", "labels")
 
 
 def read_json_list(path):
-    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts."""
-    if not os.path.isfile(path):
-        raise DataError(f"data list {path} does not exist; check the path (or --data-root) you passed.")
-    with open(path) as f:
-        try:
-            entries = json.load(f).get("data", [])
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(f"{path} is not a READ data list (a JSON object with a 'data' list).") from None
+    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts (fields checked)."""
+    check_input_file(path, "data list", "check the path (or --data-root) you passed.")
+    try:
+        obj = json.loads(_read_text(path, "data list"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); "
+                        f"READ's lists look like {{\"data\": [...]}}.") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise DataError(f"{path} is not a READ data list (a JSON object with a 'data' list of clips).")
+    entries = obj["data"]
     if not entries:
         raise DataError(f"data list {path} is empty; there is nothing to evaluate.")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise DataError(f"entry {i} of {path} is {type(e).__name__} {str(e)[:40]!r}, not an object with "
+                            f"{', '.join(ENTRY_FIELDS)}.")
+        lacking = [k for k in ENTRY_FIELDS if k not in e]
+        if lacking:
+            raise DataError(f"an entry of {path} has no {lacking[0]!r} field ({str(e)[:80]}); READ's lists need "
+                            f"video_id, wav, video_path and labels.")
+        wrong = next((k for k in ENTRY_FIELDS if not isinstance(e[k], str) or not e[k].strip()), None)
+        if wrong is not None:
+            raise DataError(f"entry {i} of {path} has {wrong} = {e[wrong]!r}; every field of a clip is a non-empty "
+                            f"string (labels: comma-separated mids).")
     return entries
 
 
@@ -1040,6 +1131,15 @@ def frame_path(entry, index=5):
         if os.path.isfile(p):
             return p
     return None
+
+
+def _check_image_header(path):
+    """A DataError unless the file starts like a JPEG or PNG (a cheap check at start; decoding is per batch)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not (head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n")):
+        raise DataError(f"{path} is not a JPEG or PNG image ({'empty' if not head else 'wrong first bytes'}); "
+                        f"replace or remove it.")
 
 
 class ReadLayoutDataset(torch.utils.data.Dataset):
@@ -1055,10 +1155,6 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
         mid_to_index = read_label_csv(label_csv)
         self.items, skipped = [], []
         for e in entries:
-            lacking = [k for k in ("video_id", "wav", "video_path", "labels") if k not in e]
-            if lacking:
-                raise DataError(f"an entry of {json_path} has no {lacking[0]!r} field ({e}); READ's lists need "
-                                f"video_id, wav, video_path and labels.")
             mids = [m.strip() for m in str(e["labels"]).split(",") if m.strip()]
             unknown = [m for m in mids if m not in mid_to_index]
             if not mids or unknown:
@@ -1068,6 +1164,11 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
             if frame is None or not os.path.isfile(e["wav"]):
                 skipped.append(e["video_id"])
                 continue
+            _, _, rate, n = wav_info(e["wav"])  # header only: an empty, 0-channel or compressed WAV is named now
+            if n * SAMPLE_RATE < FBANK_WINDOW * rate:
+                raise DataError(f"{e['wav']} lasts {1000 * n / rate:.1f} ms, shorter than one 25 ms fbank window; "
+                                f"replace or remove it.")
+            _check_image_header(frame)
             # Kinetics50 and VGGSound are single-label: the first label is the class.
             self.items.append((e["wav"], frame, mid_to_index[mids[0]]))
         if skipped:
@@ -1146,8 +1247,244 @@ def missing_masks(n, kind, rate, seed=0):
 
 def with_missing(dataset, has_audio, has_video):
     """Mark modalities missing: the missing input is replaced by zeros (CMPT's placeholder for audio
-    and video, applied to the model's input tensors) and has_audio / has_video are added."""
+    and video, applied to the model's input tensors) and has_audio / has_video are added.
+    In-memory AVTensors get new tensors; any other dataset (READ layout) is wrapped clip by clip."""
+    if not isinstance(dataset, AVTensors):
+        return MissingModalities(dataset, has_audio, has_video)
     f = dataset.fields
     audio = torch.where(has_audio[:, None, None], f["audio"], torch.zeros_like(f["audio"]))
     video = torch.where(has_video[:, None, None, None], f["video"], torch.zeros_like(f["video"]))
     return dataset.with_fields(audio=audio, video=video, has_audio=has_audio, has_video=has_video)
+
+
+class MissingModalities(torch.utils.data.Dataset):
+    """A dataset whose clips are read on demand, with modalities marked missing as `with_missing` does."""
+
+    def __init__(self, dataset, has_audio, has_video):
+        assert len(has_audio) == len(has_video) == len(dataset), "one availability flag per clip"
+        self.dataset, self.has_audio, self.has_video = dataset, has_audio, has_video
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = dict(self.dataset[i])
+        if not self.has_audio[i]:
+            item["audio"] = torch.zeros_like(item["audio"])
+        if not self.has_video[i]:
+            item["video"] = torch.zeros_like(item["video"])
+        return {**item, "has_audio": self.has_audio[i], "has_video": self.has_video[i]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Making a corrupted set in READ's layout: `python data.py corrupt`
+# ----------------------------------------------------------------------------------------------
+# READ built Kinetics50-C / VGGSound-C from the clean clips with `make_corruptions/` (ImageNet-C per
+# frame, saved as JPEG quality 85; the audio corruptions per WAV). This does the same with the
+# corruptions above, from any clean READ-layout list:
+#
+#   <out>/clean/severity_0.json                       the clean list (absolute paths)
+#   <out>/video/<corruption>/severity_<s>.json        video_path -> <out>/video/<corruption>/severity_<s>/
+#   <out>/video/<corruption>/severity_<s>/frame_<i>/<video_id>.jpg
+#   <out>/audio/<corruption>/severity_<s>.json        wav -> <out>/audio/<corruption>/severity_<s>/<video_id>.wav
+#
+# Frames are corrupted at their stored size (the spatial parameters scale with the height, see
+# corrupt_video) and saved as JPEG quality 85. A WAV is corrupted at its own sample rate and written
+# as 16-bit mono at that rate; a noise recording is averaged to mono and resampled to the clip's rate
+# first, so a stereo 48 kHz recording does not change a mono 16 kHz clip's length (READ issue #13).
+# Each file's randomness comes from (--seed, corruption, severity, clip, frame), so a resumed run
+# (files already written are skipped) gives the same set as an uninterrupted one.
+JPEG_QUALITY = 85
+CORRUPT_SETTINGS = "corrupt_settings.json"  # in <out>: what the set was made with, checked on resume
+
+
+def file_generator(seed, *parts):
+    """A torch.Generator for one output file, seeded from `seed` and the file's names (crc32)."""
+    return torch.Generator().manual_seed(seed * 2 ** 32 + zlib.crc32("/".join(map(str, parts)).encode()))
+
+
+def clip_frames(entry):
+    """[(i, path)] of the clip's frames <video_path>/frame_<i>/<video_id>.jpg that exist (READ stores 10)."""
+    folder = entry["video_path"]
+    if not os.path.isdir(folder):
+        return []
+    names = sorted((n for n in os.listdir(folder) if n.startswith("frame_") and n[6:].isdigit()), key=lambda n: int(n[6:]))
+    paths = [(int(n[6:]), os.path.join(folder, n, entry["video_id"] + ".jpg")) for n in names]
+    return [(i, p) for i, p in paths if os.path.isfile(p)]
+
+
+def corrupt_frame_file(src, dst, name, severity, generator, frost_dir=None):
+    """Corrupt one frame file at its stored size and write it as JPEG quality 85 (whole or not at all)."""
+    frame = read_image(src)[None].float() / 255                            # (1, 3, H, W) in [0, 1]
+    out = corrupt_video(frame, name, severity, generator=generator, frost_dir=frost_dir)[0]
+    jpeg = torchvision.io.encode_jpeg((out * 255).round().clamp(0, 255).to(torch.uint8), quality=JPEG_QUALITY)
+    common.atomic_write(dst, lambda tmp: torchvision.io.write_file(tmp, jpeg))
+
+
+def corrupt_wav_file(src, dst, name, severity, generator, noise_dir=None):
+    """Corrupt one WAV at its own rate (mono) and write it as 16-bit mono PCM (whole or not at all)."""
+    wav, rate = read_wav(src)                                              # (T,), stereo averaged
+    out = corrupt_audio(wav[None], name, severity, generator=generator, noise_dir=noise_dir, sample_rate=rate)[0]
+    common.atomic_write(dst, lambda tmp: write_wav(tmp, out.clamp(-1, 1), rate))
+
+
+def _absolute(entry):
+    return {**entry, "wav": os.path.abspath(entry["wav"]), "video_path": os.path.abspath(entry["video_path"]) + os.sep}
+
+
+def make_corrupted_set(json_path, out, video=(), audio=(), severities=(5,), noise_dir=None, frost_dir=None,
+                       seed=0, train_json=None, quiet=False):
+    """Write the corrupted copies of the clips in `json_path` in READ's layout under `out` (see above).
+    Returns {'written': n, 'skipped_existing': n, 'clips_without_files': {list: n}}."""
+    out = os.path.abspath(out)
+    entries = [_absolute(e) for e in read_json_list(json_path)]
+    settings = {"source": os.path.abspath(json_path), "seed": seed, "jpeg_quality": JPEG_QUALITY,
+                "noise_dir": os.path.abspath(noise_dir) if noise_dir else None,
+                "frost_dir": os.path.abspath(frost_dir) if frost_dir else None}
+    settings_path = os.path.join(out, CORRUPT_SETTINGS)
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            try:
+                before = json.load(f)
+            except json.JSONDecodeError:
+                before = None
+        if before != settings:
+            raise DataError(f"{out} holds a corrupted set made with other settings ({settings_path}); resume with the "
+                            f"same --json, --seed, --noise-dir and --frost-dir, or choose another --out.")
+    common.write_json(settings_path, settings)
+    common.write_json(os.path.join(out, "clean", "severity_0.json"), {"data": entries})
+    if train_json:  # BriMPR's layout keeps the clean training list beside it (its source statistics)
+        common.write_json(os.path.join(out, "clean", "train.json"),
+                          {"data": [_absolute(e) for e in read_json_list(train_json)]})
+    frames = {e["video_id"]: clip_frames(e) for e in entries} if video else {}
+    with_wav = [e for e in entries if os.path.isfile(e["wav"])]
+    total = len(severities) * (len(video) * sum(len(f) for f in frames.values()) + len(audio) * len(with_wav))
+    report = {"written": 0, "skipped_existing": 0, "clips_without_files": {}}
+    bar = tqdm(total=total, desc="corrupting", unit="file", disable=quiet, dynamic_ncols=True)
+
+    def one(dst, make):
+        if os.path.isfile(dst):
+            report["skipped_existing"] += 1
+        else:
+            make()
+            report["written"] += 1
+        bar.update(1)
+
+    for name in video:
+        for s in severities:
+            folder = os.path.join(out, "video", name, f"severity_{s}")
+            listed = []
+            for e in entries:
+                for i, src in frames[e["video_id"]]:
+                    dst = os.path.join(folder, f"frame_{i}", e["video_id"] + ".jpg")
+                    one(dst, lambda: corrupt_frame_file(src, dst, name, s, file_generator(seed, name, s, e["video_id"], i),
+                                                        frost_dir))
+                if frames[e["video_id"]]:
+                    listed.append({**e, "video_path": folder + os.sep})
+            report["clips_without_files"][f"video/{name}/severity_{s}"] = len(entries) - len(listed)
+            common.write_json(os.path.join(out, "video", name, f"severity_{s}.json"), {"data": listed})
+    for name in audio:
+        for s in severities:
+            folder = os.path.join(out, "audio", name, f"severity_{s}")
+            listed = []
+            for e in with_wav:
+                dst = os.path.join(folder, e["video_id"] + ".wav")
+                one(dst, lambda: corrupt_wav_file(e["wav"], dst, name, s, file_generator(seed, name, s, e["video_id"]),
+                                                  noise_dir))
+                listed.append({**e, "wav": dst})
+            report["clips_without_files"][f"audio/{name}/severity_{s}"] = len(entries) - len(listed)
+            common.write_json(os.path.join(out, "audio", name, f"severity_{s}.json"), {"data": listed})
+    bar.close()
+    return report
+
+
+def _names(values, valid, kind):
+    """--video / --audio values ('all', 'none', names, comma-separated lists) -> names in table order."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        return list(valid)
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise DataError(f"unknown {kind} corruption {bad[0]!r}; choose 'all', 'none' or names from: {', '.join(valid)}.")
+    return [n for n in valid if n in names]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python data.py", description="Data tools. `corrupt`: write corrupted copies of a clean READ-layout "
+        "list in READ's layout (Kinetics50-C / VGGSound-C style), with this project's corruptions.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("corrupt", help="make a corrupted set in READ's layout from a clean list",
+                       description="Write <out>/clean/severity_0.json, <out>/video/<c>/severity_<s>.json with JPEG "
+                       "frames and <out>/audio/<c>/severity_<s>.json with WAVs. Resumable: files already written "
+                       "are skipped; every file is written whole or not at all.")
+    c.add_argument("--json", required=True, help="clean READ-layout list {'data': [{video_id, wav, video_path, labels}]} "
+                                                 "(required)")
+    c.add_argument("--out", required=True, help="output folder, created if needed (required)")
+    c.add_argument("--video", nargs="+", default=["all"],
+                   help=f"video corruptions: all, none, or names ({', '.join(VIDEO_CORRUPTIONS)}) (default: all)")
+    c.add_argument("--audio", nargs="+", default=["all"],
+                   help=f"audio corruptions: all, none, or names ({', '.join(AUDIO_CORRUPTIONS)}) (default: all)")
+    c.add_argument("--severities", nargs="+", default=["5"], help="severities 1..5 (default: 5, the papers' protocol)")
+    c.add_argument("--noise-dir", default=None, help="folder with traffic/crowd/rain/thunder/wind.wav, any rate and "
+                                                     "channel count (default: none, procedural stand-ins)")
+    c.add_argument("--frost-dir", default=None, help="folder of frost photographs, jpg/png (default: none, procedural "
+                                                     "stand-in)")
+    c.add_argument("--seed", default="0", help="seed of the corruptions' randomness, 0 .. 2^32-1 (default: 0)")
+    c.add_argument("--train-json", default=None, help="clean training list to copy to <out>/clean/train.json, where "
+                                                      "adapt.py looks for BriMPR's source clips (default: none)")
+    return p
+
+
+def _check_corrupt_args(args):
+    """Every argument of `corrupt`, checked before any file is written: one sentence per problem."""
+    video = _names(args.video, VIDEO_CORRUPTIONS, "video")
+    audio = _names(args.audio, AUDIO_CORRUPTIONS, "audio")
+    if not video and not audio:
+        raise DataError("--video none and --audio none leave nothing to do; name at least one corruption.")
+    try:
+        severities = sorted({int(s) for s in args.severities})
+    except ValueError:
+        raise DataError(f"--severities {' '.join(args.severities)}: severities are whole numbers 1..5.") from None
+    if any(s not in SEVERITIES for s in severities):
+        raise DataError(f"--severities {' '.join(args.severities)} is out of range; valid severities are 1, 2, 3, 4, 5.")
+    if not args.seed.isdigit() or int(args.seed) >= 2 ** 32:
+        raise DataError(f"--seed {args.seed}: a seed is a whole number from 0 to {2 ** 32 - 1}.")
+    read_json_list(args.json)
+    if args.train_json:
+        read_json_list(args.train_json)
+    kinds = [k for k in audio if k != "gaussian_noise"]
+    if args.noise_dir:
+        if not os.path.isdir(args.noise_dir):
+            raise DataError(f"--noise-dir {args.noise_dir} is not a folder; pass the folder with <kind>.wav.")
+        for k in kinds:
+            check_input_file(os.path.join(args.noise_dir, f"{k}.wav"), "noise recording",
+                             f"--noise-dir needs {', '.join(k + '.wav' for k in kinds)}.")
+            wav_info(os.path.join(args.noise_dir, f"{k}.wav"))
+    if args.frost_dir and not os.path.isdir(args.frost_dir):
+        raise DataError(f"--frost-dir {args.frost_dir} is not a folder; pass a folder of frost photographs (jpg/png).")
+    common.check_output_folder(args.out, "--out")
+    return video, audio, severities
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        video, audio, severities = _check_corrupt_args(args)
+        report = make_corrupted_set(args.json, args.out, video, audio, severities, args.noise_dir, args.frost_dir,
+                                    int(args.seed), args.train_json)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {common.error_sentence(e)}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: every file written so far in {args.out} is complete and the JSON lists of finished "
+                 f"corruptions are written; run the same command again to continue (written files are skipped).")
+    missing = {k: v for k, v in report["clips_without_files"].items() if v}
+    print(f"wrote {report['written']} files, kept {report['skipped_existing']} already there, in {args.out}"
+          + (f"; clips left out for lack of frames or WAV: {missing}" if missing else ""))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,9 @@
     python train.py                      # source model on the embedded benchmark -> checkpoints/embedded_tiny.pt
     python train.py --method cmpt        # CMPT + its ablations, missing-modality protocols, results table
     python train.py --method aoept       # AOEPT + its ablations + a MAP-style baseline, MAP protocol at 70%
-    python train.py --data read --train-json train.json --val-json test.json --label-csv labels.csv --config base
+    python train.py --data read --train-json train.json --val-json test.json --label-csv labels.csv --out src.pt
+    python train.py --method cmpt --data read --checkpoint src.pt --train-json train.json --val-json test.json \\
+        --label-csv labels.csv               # the same protocols on your READ-layout data
 
 The source model is trained on clean data with cross-entropy on the multimodal logits plus, with
 half the weight each, the audio-only and video-only logits (CAV-MAE's unimodal paths, which the
@@ -22,7 +24,7 @@ A missing-modality method module (`cmpt.py`, `aoept.py`) provides:
 import argparse
 import copy
 import importlib
-import json
+import math
 import os
 import sys
 import time
@@ -44,14 +46,6 @@ METHODS = {"source": None, "cmpt": "cmpt", "aoept": "aoept"}  # name -> module w
 def default_checkpoint(data_name="embedded", config="tiny"):
     """Where train.py saves, and adapt.py looks for, the source checkpoint."""
     return os.path.join(CHECKPOINT_DIR, f"{data_name}_{config}.pt")
-
-
-def write_json(path, obj):
-    """Write a results file whole or not at all (temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +118,7 @@ def train_source(args, quiet=False):
     out = args.out or default_checkpoint(args.data, args.config)
     common.save_checkpoint(out, model, data=args.data, data_seed=args.data_seed, seed=args.seed, metrics=metrics)
     default = out == default_checkpoint(args.data, args.config)
-    write_json(os.path.join(RESULTS_DIR, "train_source.json") if default else os.path.splitext(out)[0] + ".json",
+    common.write_json(os.path.join(RESULTS_DIR, "train_source.json") if default else os.path.splitext(out)[0] + ".json",
                {"args": vars(args), "checkpoint": out, "clean_accuracy": metrics})
     if not quiet:
         print(f"saved {out}")
@@ -188,9 +182,6 @@ def copy_frozen(model):
 def run_missing(args):
     """Train every variant of a method and evaluate the missing-modality protocols; table + JSON."""
     module = importlib.import_module(METHODS[args.method])
-    if args.data != "embedded":
-        raise SystemExit(f"--method {args.method} runs its protocols on the embedded benchmark only; "
-                         f"--data read is for source training.")
     if not 0 < args.map_rate <= 1:
         raise SystemExit(f"--map-rate is a fraction in (0, 1], e.g. 0.7 for 70%, not {args.map_rate}.")
     bad = [v for v in (args.variants or []) if v not in module.VARIANTS]
@@ -201,8 +192,7 @@ def run_missing(args):
                          f"--protocols {' '.join(args.protocols)} leaves nothing to run.")
     device = common.get_device(args.device)
     backbone = load_or_train_source(args, device)
-    train_full = data.embedded_split("train", backbone, seed=args.data_seed)
-    test_full = data.embedded_split("test", backbone, seed=args.data_seed)
+    train_full, test_full = missing_modality_sets(args, backbone)
     variants = args.variants or list(module.VARIANTS)
     protocols = [p for p in module.PROTOCOLS if p in args.protocols]
     rows = {}  # (protocol, setting) -> {variant: [acc per seed]}
@@ -228,7 +218,7 @@ def run_missing(args):
     table = format_table(rows, variants, len(args.seeds))
     print(table)
     out = args.results or os.path.join(RESULTS_DIR, f"train_{args.method}.json")
-    write_json(out, {"args": vars(args), "wall_seconds": time.time() - t0,
+    common.write_json(out, {"args": vars(args), "wall_seconds": time.time() - t0,
                      "results": [{"protocol": p, "setting": s, "accuracy": v} for (p, s), v in rows.items()]})
     print(f"wrote {out}")
     return rows
@@ -245,23 +235,59 @@ def format_table(rows, variants, n_seeds):
     return "\n".join(lines)
 
 
-def load_or_train_source(args, device):
-    path = args.checkpoint or default_checkpoint("embedded", args.config)
-    if not os.path.isfile(path):
-        if args.checkpoint:
-            raise SystemExit(f"--checkpoint {path} does not exist; check the path, or omit --checkpoint to train "
-                             f"the default source model.")
+def missing_modality_sets(args, backbone):
+    """(training set, test set) of the missing-modality protocols: the embedded benchmark's train / test
+    splits, or the READ-layout lists --train-json / --val-json read for the backbone's input sizes."""
+    if args.data == "embedded":
+        return (data.embedded_split("train", backbone, seed=args.data_seed),
+                data.embedded_split("test", backbone, seed=args.data_seed))
+    kw = dict(mel_bins=backbone.mel_bins, target_length=backbone.audio_length, image_size=backbone.image_size)
+    return (data.ReadLayoutDataset(args.train_json, args.label_csv, **kw),
+            data.ReadLayoutDataset(args.val_json, args.label_csv, **kw))
+
+
+def default_source(config, data_seed, device):
+    """The default source model on the embedded benchmark: checkpoints/embedded_<config>.pt, trained first
+    when it is missing or unreadable (an interrupted save of an older version). Returns (model, meta)."""
+    path = default_checkpoint("embedded", config)
+    if os.path.isfile(path):
+        try:
+            return common.load_checkpoint(path, device=device)
+        except common.CheckpointError as e:
+            print(f"the default source checkpoint cannot be used ({e}); training it again")
+    else:
         print(f"no source checkpoint at {path}: training one first (about half a minute on a CPU)")
-        src_args = build_parser().parse_args(["--config", args.config, "--device", str(device), "--out", path,
-                                              "--data-seed", str(args.data_seed)])
-        train_source(src_args)
-    model, meta = common.load_checkpoint(path, device=device)
+    train_source(build_parser().parse_args(["--config", config, "--device", str(device), "--out", path,
+                                            "--data-seed", str(data_seed)]))
+    return common.load_checkpoint(path, device=device)
+
+
+def check_data_seed(path, meta, data_seed):
+    """Refuse a source model trained on another seed of the embedded benchmark (its test split differs)."""
+    if meta.get("data", "embedded") == "embedded" and meta.get("data_seed", data_seed) != data_seed:
+        raise SystemExit(f"error: {path} was trained on the embedded benchmark with --data-seed {meta['data_seed']}, "
+                         f"not {data_seed}; pass the matching --data-seed or a --checkpoint trained with "
+                         f"`python train.py --data-seed {data_seed} --out <file>`.")
+
+
+def load_or_train_source(args, device):
+    if args.data == "read":  # the source model trained on the same data with `train.py --data read`
+        model, _ = common.load_checkpoint(args.checkpoint, config=args.config, device=device)
+        num_classes = len(data.read_label_csv(args.label_csv))
+        if model.num_classes != num_classes:
+            raise SystemExit(f"error: {args.checkpoint} has {model.num_classes} classes but {args.label_csv} has "
+                             f"{num_classes}; use the source model trained on this dataset.")
+        return model
+    if args.checkpoint:
+        path = args.checkpoint
+        model, meta = common.load_checkpoint(path, config=args.config, device=device)
+    else:
+        path = default_checkpoint("embedded", args.config or "tiny")
+        model, meta = default_source(args.config or "tiny", args.data_seed, device)
     if model.num_classes != data.EMBEDDED["num_classes"]:
-        raise SystemExit(f"{path} has {model.num_classes} classes but the embedded benchmark has "
+        raise SystemExit(f"error: {path} has {model.num_classes} classes but the embedded benchmark has "
                          f"{data.EMBEDDED['num_classes']}; use a checkpoint trained by `python train.py`.")
-    if meta.get("data_seed", args.data_seed) != args.data_seed:
-        raise SystemExit(f"{path} was trained on the embedded benchmark with --data-seed {meta['data_seed']}, "
-                         f"not {args.data_seed}; pass the matching --data-seed or another --checkpoint.")
+    check_data_seed(path, meta, args.data_seed)
     return model
 
 
@@ -273,43 +299,143 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def seed_int(text):
+    """A seed: an integer 0 .. 2**32 - 1 (what numpy accepts)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to {2 ** 32 - 1}, not {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as it is written, and the flags' help texts (each states its default)."""
+
+
+def variant_names():
+    """'cmpt: cmpt, lambda0, ...; aoept: ...': the variants of every method, for --help."""
+    return "; ".join(f"{name}: {', '.join(importlib.import_module(mod).VARIANTS)}"
+                     for name, mod in METHODS.items() if mod)
+
+
+def method_defaults(attr):
+    """'cmpt 4, aoept 3': a training default of every method module, for --help."""
+    return ", ".join(f"{name} {getattr(importlib.import_module(mod), attr):g}" for name, mod in METHODS.items() if mod)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--method", default="source", choices=list(METHODS),
-                   help="source: train the source model; cmpt / aoept: train that method and run its protocols")
+                   help="source: train the source model; cmpt / aoept: train that method's variants and run its "
+                        "protocols (default: source)")
     p.add_argument("--data", default="embedded", choices=["embedded", "read"],
-                   help="embedded benchmark (generated locally) or a dataset in READ's file layout")
-    p.add_argument("--config", default="tiny", choices=list(common.CONFIGS), help="model size (base = published CAV-MAE)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: 12 for source, the method's EPOCHS)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 for source, the method's LR)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: 64 for source, the method's BATCH_SIZE)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the source training run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the method runs")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the embedded benchmark")
-    p.add_argument("--out", default=None, help="where to save the source checkpoint (default: checkpoints/<data>_<config>.pt)")
-    p.add_argument("--checkpoint", default=None, help="source checkpoint the methods start from")
-    p.add_argument("--results", default=None, help="results JSON (default: results/train_<method>.json)")
-    p.add_argument("--variants", nargs="+", default=None, help="only these variants of the method (default: all)")
+                   help="embedded benchmark (generated locally) or a dataset in READ's file layout (default: embedded)")
+    p.add_argument("--config", default=None, choices=list(common.CONFIGS),
+                   help="model size, base = published CAV-MAE (default: tiny; with --checkpoint, the checkpoint's own)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"epochs (default: 12 for source; {method_defaults('EPOCHS')})")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help=f"peak learning rate (default: 2e-3 for source; {method_defaults('LR')})")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"batch size (default: 64 for source; {method_defaults('BATCH_SIZE')})")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the source training run (default: 0)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[1, 2, 3],
+                   help="seeds of the method runs, distinct (default: 1 2 3)")
+    p.add_argument("--data-seed", type=seed_int, default=0, help="seed of the embedded benchmark (default: 0)")
+    p.add_argument("--out", default=None, help="source training: where to save the checkpoint; its metrics go "
+                                               "beside it as .json (default: checkpoints/<data>_<config>.pt)")
+    p.add_argument("--checkpoint", default=None,
+                   help="cmpt / aoept: the source checkpoint they start from (default: checkpoints/embedded_<config>.pt, "
+                        "trained first if missing; --data read: required, from `train.py --data read`)")
+    p.add_argument("--results", default=None, help="cmpt / aoept: results JSON (default: results/train_<method>.json)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"cmpt / aoept: only these variants, the first is the method itself ({variant_names()}) "
+                        f"(default: all of the method's)")
     p.add_argument("--protocols", nargs="+", default=["inference", "map"], choices=["inference", "map"],
-                   help="which protocols to run")
-    p.add_argument("--map-rate", type=float, default=0.7, help="missing rate of the MAP protocol")
-    p.add_argument("--train-json", default=None, help="READ layout: training list (JSON)")
-    p.add_argument("--val-json", default=None, help="READ layout: list to report accuracy on")
-    p.add_argument("--label-csv", default=None, help="READ layout: class_labels_indices CSV")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (READ layout)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+                   help="cmpt / aoept: which protocols to run, those the paper reports (default: inference map)")
+    p.add_argument("--map-rate", type=float, default=0.7,
+                   help="cmpt / aoept: missing rate of the MAP protocol, a fraction in (0, 1] (default: 0.7)")
+    p.add_argument("--train-json", default=None, help="--data read: training list (JSON) (default: none, required)")
+    p.add_argument("--val-json", default=None, help="--data read: list to report accuracy on; the test list of "
+                                                    "cmpt / aoept (default: none; required for cmpt / aoept)")
+    p.add_argument("--label-csv", default=None, help="--data read: class_labels_indices CSV with indices 0..K-1 "
+                                                     "(default: none, required)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers of source training (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     return p
 
 
+METHOD_ONLY = ("checkpoint", "results", "variants", "protocols", "map_rate", "seeds")  # cmpt / aoept flags
+READ_ONLY = ("train_json", "val_json", "label_csv")  # --data read flags
+
+
+def check_args(args, parser):
+    """Refuse, before any work, flags that contradict each other or would be ignored; check the device and
+    the output paths. Fills in args.config for source training."""
+    common.get_device(args.device)
+    given = lambda name: getattr(args, name) != parser.get_default(name)  # noqa: E731
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.method == "source":
+        ignored = [flag(n) for n in METHOD_ONLY if given(n)]
+        if ignored:
+            raise SystemExit(f"error: {ignored[0]} applies to --method cmpt / aoept; source training saves to --out "
+                             f"and writes its metrics beside it.")
+        args.config = args.config or "tiny"
+    elif args.out:
+        raise SystemExit("error: --out is where source training saves its checkpoint; with --method "
+                         f"{args.method} pass the source model as --checkpoint and the results file as --results.")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"error: --seeds {' '.join(map(str, args.seeds))} repeats a seed; give each seed once.")
+    if args.data == "embedded":
+        ignored = [flag(n) for n in READ_ONLY if given(n)]
+        if ignored:
+            raise SystemExit(f"error: {ignored[0]} applies to --data read only; add --data read to use your lists.")
+    else:
+        needed = ["train_json", "label_csv"] + (["val_json", "checkpoint"] if args.method != "source" else [])
+        lacking = [flag(n) for n in needed if not getattr(args, n)]
+        if lacking:
+            what = ("--train-json, --val-json, --label-csv and --checkpoint (the source model from "
+                    "`train.py --data read`)") if args.method != "source" else \
+                "--train-json and --label-csv (and --val-json to report accuracy)"
+            raise SystemExit(f"error: --method {args.method} --data read needs {what}; {lacking[0]} is missing.")
+        data.read_label_csv(args.label_csv)  # a wrong CSV is named now, not after the data work
+    if args.method == "source":
+        out = args.out or default_checkpoint(args.data, args.config)
+        common.check_output_file(out, "--out")
+        return [("checkpoint", out)]
+    results = args.results or os.path.join(RESULTS_DIR, f"train_{args.method}.json")
+    common.check_output_file(results, "--results")
+    return [("results", results)]
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.time()
+    outputs = []
     try:
+        outputs = check_args(args, parser)
         if args.method == "source":
             train_source(args)
         else:
             run_missing(args)
     except (common.CheckpointError, data.DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {common.error_sentence(e)}")
+    except KeyboardInterrupt:
+        sys.exit(common.interrupted_message(started, outputs))
 
 
 if __name__ == "__main__":

@@ -205,3 +205,82 @@ def test_runner_default_results_file(tmp_path, monkeypatch):
     monkeypatch.setattr(adapt.train, "RESULTS_DIR", str(tmp_path))
     adapt.main(["--method", "source", "--corruption", "fog"])
     assert [p.name for p in tmp_path.iterdir()] == ["adapt_source_video_fog.json"]
+
+
+# ---------------------------------------------------------------------------- checks before any work
+
+
+def tiny10(tmp_path, data_seed=0):
+    ckpt = tmp_path / "tiny10.pt"
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=10), data="embedded", data_seed=data_seed)
+    return str(ckpt)
+
+
+def test_label_csv_not_0_to_k_minus_1_is_refused(tmp_path):
+    argv = read_layout_argv(tmp_path, "source") + ["--results", str(tmp_path / "r.json")]
+    # 1-based indices: clip i's label i % 3 read as index i % 3 + 1, scored against the wrong output (or none)
+    (tmp_path / "labels.csv").write_text("index,mid\n1,/m/c0\n2,/m/c1\n3,/m/c2\n")
+    with pytest.raises(SystemExit) as e:
+        adapt.main(argv)
+    assert "labels.csv has indices 1..3, not exactly 0..2" in str(e.value)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_checkpoint_of_another_data_seed_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        adapt.main(["--method", "source", "--checkpoint", tiny10(tmp_path, data_seed=0), "--data-seed", "1",
+                    "--corruption", "contrast", "--results", str(tmp_path / "r.json")])
+    assert "trained on the embedded benchmark with --data-seed 0, not 1" in str(e.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--results", "DIR"], "--results DIR is a folder; give a file name"),
+    (["--device", "mps"], "--device mps is not available"),
+    (["--checkpoint", "DIR"], "is a folder, not a checkpoint file"),
+    (["--checkpoint", "TEXT"], "is a text file (starting 'my notes'), not a PyTorch checkpoint"),
+    (["--method", "tent", "--no-cache"], "--no-cache switches off ABPEM's feature cache; add abpem"),
+    (["--label-csv", "TEXT"], "--label-csv applies to --data read only"),
+    (["--seeds", "2", "2"], "--seeds 2 2 repeats a seed"),
+    (["--corruption", "fog,fog"], "--corruption names fog twice"),
+    (["--modality", "audio", "--corruption", "wind", "--noise-dir", "DIR"], "has no wind.wav"),
+    (["--data", "read", "--data-root", "TEXT", "--label-csv", "TEXT"], "is not a folder"),
+])
+def test_bad_flags_are_refused_before_any_work(tmp_path, argv, message):
+    (tmp_path / "notes.txt").write_text("my notes")
+    sub = {"DIR": str(tmp_path), "TEXT": str(tmp_path / "notes.txt")}
+    argv = [sub.get(a, a) for a in argv]
+    if "--results" not in argv:
+        argv += ["--results", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        adapt.main(["--method", "source", "--corruption", "contrast", *argv])
+    assert message.replace("DIR", str(tmp_path)) in str(e.value) and str(e.value).startswith("error: ")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # nothing written, no stray temp file
+
+
+def test_batch_size_and_seeds_out_of_range_are_refused_by_the_parser(capsys):
+    for argv in (["--batch-size", "0"], ["--seeds", "-3"], ["--workers", "-1"]):
+        with pytest.raises(SystemExit):
+            adapt.main(argv)
+        err = capsys.readouterr().err
+        assert ": error: argument " + argv[0] + ":" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_help_states_every_default_and_the_methods():
+    parser = adapt.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert "default" in (action.help or ""), action.dest
+    text = parser.format_help().replace("\n", " ")
+    assert all(name in text for name in adapt.METHODS)
+
+
+def test_ctrl_c_ends_with_one_line_saying_what_was_saved(tmp_path, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(adapt, "test_set", interrupt)  # stopped during the data work of the first corruption
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        adapt.main(["--method", "tent", "--checkpoint", tiny10(tmp_path), "--corruption", "contrast",
+                    "--results", str(out)])
+    assert str(e.value) == f"interrupted: saved nothing; not saved: results {out} (no file is left half-written)."
+    assert sorted(os.listdir(tmp_path)) == ["tiny10.pt"]

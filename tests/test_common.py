@@ -8,11 +8,11 @@ import torch
 import common
 from common import CAVMAE
 
-SPEC_KEYS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "cavmae_state_dict_ks50.txt")
+SPEC_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cavmae_state_dict_ks50.txt")
 
 
 def published_keys():
-    """{key without 'module.': shape} from the published checkpoint's key list (shared/spec, beside the repo)."""
+    """{key without 'module.': shape} from the published checkpoint's key list (tests/, shipped with the repository)."""
     assert os.path.isfile(SPEC_KEYS), f"this test reads the published key list at {SPEC_KEYS}"
     keys = {}
     for line in open(SPEC_KEYS):
@@ -67,12 +67,33 @@ def test_wrong_checkpoint_names_missing_unexpected_and_misshaped_keys(tmp_path):
     assert "pos_embed_v (1, 5, 64) vs model (1, 16, 64)" in msg
 
 
-def test_missing_and_garbage_checkpoint_files(tmp_path):
+def test_missing_and_garbage_checkpoint_files_say_what_they_are(tmp_path):
     with pytest.raises(common.CheckpointError, match="does not exist"):
         common.load_checkpoint(str(tmp_path / "nope.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.CheckpointError, match="could not read"):
+    with pytest.raises(common.CheckpointError, match="is a text file .*'not a checkpoint'.*not a PyTorch checkpoint"):
         common.load_checkpoint(str(tmp_path / "junk.pt"))
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(common.CheckpointError, match="is a folder, not a checkpoint file"):
+        common.load_checkpoint(str(tmp_path / "folder.pt"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(common.CheckpointError, match=r"is empty \(0 bytes\)"):
+        common.load_checkpoint(str(tmp_path / "empty.pt"))
+    common.save_checkpoint(str(tmp_path / "whole.pt"), CAVMAE("tiny"))
+    whole = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(common.CheckpointError, match="truncated or damaged"):
+        common.load_checkpoint(str(tmp_path / "cut.pt"))
+    torch.save({"a": 1}, tmp_path / "foreign.pt")  # a dict of numbers, not of tensors
+    with pytest.raises(common.CheckpointError, match="is not a CAV-MAE state dict"):
+        common.load_checkpoint(str(tmp_path / "foreign.pt"))
+
+
+def test_config_that_contradicts_the_checkpoint_is_refused(tmp_path):
+    common.save_checkpoint(str(tmp_path / "t.pt"), CAVMAE("tiny", num_classes=3))
+    with pytest.raises(common.CheckpointError, match="holds a 'tiny' model but --config base was given"):
+        common.load_checkpoint(str(tmp_path / "t.pt"), config="base")
+    assert common.load_checkpoint(str(tmp_path / "t.pt"), config="tiny")[1]["num_classes"] == 3
 
 
 def test_save_load_round_trip(tmp_path):
@@ -158,3 +179,105 @@ def test_get_device_default_is_cpu_without_cuda():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             common.get_device("cuda")
     assert common.get_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
+def test_a_device_torch_cannot_use_is_refused_at_once():
+    with pytest.raises(SystemExit, match="error: --device mps is not available in this PyTorch build"):
+        common.get_device("mps")
+    with pytest.raises(SystemExit, match="is not a device name"):
+        common.get_device("gpu0")
+
+
+# ---------------------------------------------------------------------------- files written whole
+def test_two_writers_of_one_file_do_not_collide(tmp_path, monkeypatch):
+    # Process A starts writing, process B writes the same file meanwhile and finishes first (the two
+    # first runs of the probe). With one shared `<path>.tmp`, B renames A's temp file away and A dies;
+    # with a temp name per writer both finish and the file holds one whole object.
+    path = str(tmp_path / "cache.pt")
+    real_save = torch.save
+    calls = []
+
+    def save_with_a_rival(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        if not calls:  # the first writer is overtaken once, between writing and renaming
+            calls.append(f)
+            common.atomic_save({"writer": torch.tensor(2)}, path)
+
+    monkeypatch.setattr(torch, "save", save_with_a_rival)
+    common.atomic_save({"writer": torch.tensor(1)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path)["writer"].item() == 1  # the last rename wins, whole
+    assert os.listdir(tmp_path) == ["cache.pt"]  # no temp file left behind
+
+
+def test_interrupted_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    common.write_json(str(path), {"a": 1})
+
+    def interrupted_dump(obj, f, **kw):
+        f.write('{"half": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.json, "dump", interrupted_dump)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_json(str(path), {"a": 2})
+    assert path.read_text() == '{\n "a": 1\n}' and os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "text"])
+def test_cache_file_that_is_damaged_is_rebuilt(tmp_path, damage):
+    path = tmp_path / "c.pt"
+    common.atomic_save({"x": torch.arange(1000)}, str(path))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif damage == "foreign":
+        torch.save({"y": torch.zeros(2)}, path)  # readable, but not what this cache holds
+    else:
+        path.write_text("hello")
+    notes = []
+    obj = common.load_or_rebuild(str(path), lambda: {"x": torch.arange(5)}, valid=lambda o: "x" in o, note=notes.append)
+    assert torch.equal(obj["x"], torch.arange(5)) and torch.equal(torch.load(path)["x"], torch.arange(5))
+    assert "rebuilding" in notes[0]
+    # the rebuilt file is used from now on
+    assert common.load_or_rebuild(str(path), lambda: 1 / 0, valid=lambda o: "x" in o)["x"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_embedded_benchmark_cache_is_regenerated_when_truncated(tmp_path, monkeypatch):
+    import data
+    small, generate = dict(data.EMBEDDED, n_train=4, n_val=2, n_test=3), data.generate_embedded
+    monkeypatch.setattr(data, "generate_embedded", lambda seed=0, cfg=None: generate(seed, small))
+    monkeypatch.setattr(data, "_RAW", {})
+    first = data.embedded_raw(7, cache_dir=str(tmp_path))
+    (path,) = list(tmp_path.iterdir())
+    path.write_bytes(path.read_bytes()[:1000])  # the probe's truncated .cache file (PytorchStreamReader error)
+    data._RAW.clear()
+    again = data.embedded_raw(7, cache_dir=str(tmp_path))
+    assert torch.equal(again["test"]["wav"], first["test"]["wav"]) and len(again["test"]["label"]) == 3
+    torch.save({"train": {}}, path)  # a foreign file (KeyError before)
+    data._RAW.clear()
+    assert torch.equal(data.embedded_raw(7, cache_dir=str(tmp_path))["train"]["frames"], first["train"]["frames"])
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=f"error: --results {tmp_path} is a folder; give a file name"):
+        common.check_output_file(str(tmp_path), "--results")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        common.check_output_file(str(tmp_path / "afile" / "sub" / "r.json"), "--out")
+    assert common.check_output_file(str(tmp_path / "new" / "r.json"), "--results")  # created on save
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits: ask as if we were an ordinary user
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(locked) else real(p, m))
+    with pytest.raises(SystemExit, match="no write permission"):
+        common.check_output_file(str(locked / "r.json"), "--results")
+
+
+def test_error_from_a_dataloader_worker_becomes_its_own_sentence():
+    wrapped = ValueError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1, in f\ndata.DataError: clip.wav is empty; remove it.\n")
+    assert common.error_sentence(wrapped) == "clip.wav is empty; remove it."
+    assert common.error_sentence(ValueError("plain")) == "plain"

@@ -182,3 +182,116 @@ def test_read_layout_both_modalities_joins_on_video_id(tmp_path):
     ds = data.read_layout_split(str(tmp_path), str(tmp_path / "labels.csv"), CAVMAE("tiny"),
                                 video_corruption="gaussian_noise", audio_corruption="wind")
     assert len(ds) == 4
+
+
+# ---------------------------------------------------------------------------- bad inputs, one sentence each
+def write_labels(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_label_csv_indices_must_be_exactly_0_to_k_minus_1(tmp_path):
+    make_read_layout(tmp_path, n=3)
+    # 1-based indices: class k would be scored against output k - 1 (adapt.py: a silently wrong accuracy;
+    # train.py: IndexError at index 3 of a 3-way head)
+    one_based = write_labels(tmp_path / "l1.csv", ["index,mid,display_name", "1,/m/c0,a", "2,/m/c1,b", "3,/m/c2,c"])
+    with pytest.raises(data.DataError, match=r"l1.csv has indices 1..3, not exactly 0..2"):
+        data.read_label_csv(one_based)
+    gap = write_labels(tmp_path / "l2.csv", ["0,/m/c0", "1,/m/c1", "5,/m/c2"])
+    with pytest.raises(data.DataError, match=r"indices 0..5 with repeats or gaps, not exactly 0..2"):
+        data.read_label_csv(gap)
+    twice = write_labels(tmp_path / "l3.csv", ["0,/m/c0", "1,/m/c0"])
+    with pytest.raises(data.DataError, match="lists the label '/m/c0' twice"):
+        data.read_label_csv(twice)
+    # a spreadsheet's byte-order mark before a header-less first line is not a header: class 0 is kept
+    (tmp_path / "bom.csv").write_bytes("\ufeff0,/m/c0\n1,/m/c1\n".encode("utf-8"))
+    assert data.read_label_csv(str(tmp_path / "bom.csv")) == {"/m/c0": 0, "/m/c1": 1}
+    with pytest.raises(data.DataError, match="is a folder, not a file"):
+        data.read_label_csv(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"data": "clips"}', "is not a READ data list"),
+    ('[{"video_id": "a"}]', "is not a READ data list"),
+    ('{"data": [1, 2]}', "entry 0 of .* is int '1', not an object"),
+    ('{"data": [{"video_id": 7, "wav": "a.wav", "video_path": "f/", "labels": "/m/c0"}]}', "has video_id = 7"),
+    ('{"data": [{"video_id": "a", "wav": "a.wav", "video_path": "f/", "labels": ["/m/c0"]}]}', "has labels = \\['/m/c0'\\]"),
+    ('{"data": [', "is not valid JSON"),
+])
+def test_json_list_with_wrong_types_is_refused(tmp_path, content, message):
+    (tmp_path / "l.json").write_text(content)
+    with pytest.raises(data.DataError, match=message):
+        data.read_json_list(str(tmp_path / "l.json"))
+
+
+def test_binary_json_list_is_refused(tmp_path):
+    (tmp_path / "l.json").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(data.DataError, match="is not UTF-8 text"):
+        data.read_json_list(str(tmp_path / "l.json"))
+
+
+def raw_wav(path, channels=1, width=2, rate=16000, payload=b"", declared_frames=None):
+    """A WAV header written byte by byte (the wave module refuses to write 0 channels)."""
+    import struct
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * width, channels * width, 8 * width)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(payload)) + payload
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return str(path)
+
+
+def test_bad_wavs_are_named_and_odd_sizes_read_correctly(tmp_path):
+    with pytest.raises(data.DataError, match="empty WAV file"):
+        data.wav_info(raw_wav(tmp_path / "empty.wav"))
+    with pytest.raises(data.DataError, match="bad # of channels"):
+        data.wav_info(raw_wav(tmp_path / "zero.wav", channels=0, payload=b"\x00\x00"))
+    with pytest.raises(data.DataError, match="sample rate of 0 Hz"):
+        data.wav_info(raw_wav(tmp_path / "zerohz.wav", rate=0, payload=b"\x00\x00"))
+    (tmp_path / "text.wav").write_text("hello")
+    with pytest.raises(data.DataError, match="is not a PCM WAV file"):
+        data.read_wav(tmp_path / "text.wav")
+    # 16-bit stereo with a stray byte at the end: two whole frames (1000, 3000) and (-2000, 0), the byte dropped
+    import struct
+    odd = raw_wav(tmp_path / "odd.wav", channels=2, payload=struct.pack("<4h", 1000, 3000, -2000, 0) + b"\x07")
+    wav, rate = data.read_wav(odd)
+    # mono = mean of the channels: (1000 + 3000) / 2 / 32768 = 0.061035, (-2000 + 0) / 2 / 32768 = -0.030518
+    assert rate == 16000 and torch.allclose(wav, torch.tensor([2000 / 32768, -1000 / 32768]))
+
+
+def test_read_layout_refuses_empty_short_and_non_image_files_up_front(tmp_path):
+    entries = make_read_layout(tmp_path, n=2)
+    csv_path = str(tmp_path / "labels.csv")
+    raw_wav(tmp_path / "wav" / "clip0.wav")  # 0 samples
+    with pytest.raises(data.DataError, match="clip0.wav is an empty WAV file"):
+        data.ReadLayoutDataset(str(tmp_path / "clean" / "severity_0.json"), csv_path)
+    data.write_wav(str(tmp_path / "wav" / "clip0.wav"), torch.zeros(100))  # 6.25 ms
+    with pytest.raises(data.DataError, match="lasts 6.2 ms, shorter than one 25 ms fbank window"):
+        data.ReadLayoutDataset(str(tmp_path / "clean" / "severity_0.json"), csv_path)
+    data.write_wav(str(tmp_path / "wav" / "clip0.wav"), torch.zeros(16000))
+    (tmp_path / "frames" / "frame_5" / "clip1.jpg").write_text("not an image")
+    with pytest.raises(data.DataError, match="clip1.jpg is not a JPEG or PNG image"):
+        data.ReadLayoutDataset(str(tmp_path / "clean" / "severity_0.json"), csv_path)
+    assert entries[1]["video_id"] == "clip1"
+
+
+def test_truncated_jpeg_is_named_when_read(tmp_path):
+    make_read_layout(tmp_path, n=2)
+    frame = tmp_path / "frames" / "frame_5" / "clip1.jpg"
+    frame.write_bytes(frame.read_bytes()[:200])  # starts like a JPEG, ends early
+    ds = data.ReadLayoutDataset(str(tmp_path / "clean" / "severity_0.json"), str(tmp_path / "labels.csv"),
+                                mel_bins=64, target_length=128, image_size=64)
+    assert ds[0]["label"].item() == 0
+    with pytest.raises(data.DataError, match="clip1.jpg is not a readable JPEG/PNG image"):
+        ds[1]
+
+
+def test_with_missing_on_a_lazily_read_dataset_matches_the_in_memory_one(tmp_path):
+    make_read_layout(tmp_path, n=4)
+    ds = data.ReadLayoutDataset(str(tmp_path / "clean" / "severity_0.json"), str(tmp_path / "labels.csv"),
+                                mel_bins=64, target_length=128, image_size=64)
+    in_memory = data.AVTensors(dict(torch.utils.data.default_collate([ds[i] for i in range(4)])))
+    has_a, has_v = torch.tensor([True, False, True, True]), torch.tensor([True, True, False, True])
+    lazy, eager = data.with_missing(ds, has_a, has_v), data.with_missing(in_memory, has_a, has_v)
+    for i in range(4):
+        for k in ("audio", "video", "label", "has_audio", "has_video"):
+            assert torch.equal(lazy[i][k], eager[i][k])
+    assert lazy[1]["audio"].abs().sum() == 0 and lazy[2]["video"].abs().sum() == 0
