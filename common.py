@@ -40,9 +40,11 @@ import torch.nn as nn
 # Width, depth and input sizes of the two configurations. `base` is CAV-MAE as published.
 CONFIGS = {
     "base": dict(embed_dim=768, num_heads=12, depth=11, depth_u=1, mlp_ratio=4.0,
-                 audio_length=1024, mel_bins=128, image_size=224, patch_size=16),
+                 audio_length=1024, mel_bins=128, image_size=224, patch_size=16,
+                 decoder_dim=512, decoder_depth=8, decoder_heads=16),
     "tiny": dict(embed_dim=64, num_heads=4, depth=3, depth_u=1, mlp_ratio=4.0,
-                 audio_length=128, mel_bins=64, image_size=64, patch_size=16),
+                 audio_length=128, mel_bins=64, image_size=64, patch_size=16,
+                 decoder_dim=32, decoder_depth=2, decoder_heads=2),
 }
 
 
@@ -150,13 +152,19 @@ class CAVMAE(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # Random init for training from scratch (the published model comes from MAE pre-training).
+        # CAV-MAE's initialisation: fixed 2-D sin-cos position embeddings (audio grid: frequency x
+        # time), xavier-uniform Linears and patch kernels, N(0, 0.02) modality embeddings.
+        p = self.patch_embed_a.proj.kernel_size[0]
+        self.pos_embed_a.data.copy_(sincos_pos_embed(self.embed_dim, self.mel_bins // p, self.audio_length // p))
+        self.pos_embed_v.data.copy_(sincos_pos_embed(self.embed_dim, self.image_size // p, self.image_size // p))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.pos_embed_a, self.pos_embed_v, self.modality_a, self.modality_v):
-            nn.init.trunc_normal_(p, std=0.02)
+        for m in (self.patch_embed_a.proj, self.patch_embed_v.proj):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+        for p in (self.modality_a, self.modality_v):
+            nn.init.normal_(p, std=0.02)
 
     # -- tokens -------------------------------------------------------------------------------
     def embed_audio(self, fbank):
@@ -222,6 +230,22 @@ class CAVMAE(nn.Module):
         return self.classify(self.fuse(*self.encode(audio, video)))
 
 
+def sincos_pos_embed(dim, grid_h, grid_w):
+    """MAE's fixed 2-D sin-cos position embedding: (1, grid_h * grid_w, dim), row-major.
+
+    Half the channels encode the row, half the column; each half is [sin(pos w_i), cos(pos w_i)]
+    with w_i = 1 / 10000^(i / (dim / 4)), i = 0 .. dim / 4 - 1.
+    """
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))   # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    def half(pos):  # (N,) -> (N, D/2)
+        angle = pos.flatten()[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+    # MAE puts the width (column) coordinate first
+    return torch.cat([half(cols), half(rows)], dim=1).float().unsqueeze(0)
+
+
 def keep_tokens(x, keep, generator=None):
     """Keep `keep` random tokens per sample (each sample its own permutation, MAE-style dropping).
 
@@ -231,6 +255,140 @@ def keep_tokens(x, keep, generator=None):
     noise = torch.rand(B, N, generator=generator, device="cpu").to(x.device)  # (B, N)
     idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep) distinct token indices
     return x.gather(1, idx.unsqueeze(-1).expand(B, keep, D))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-training (CAV-MAE): masked reconstruction + audio-visual contrastive learning
+# ----------------------------------------------------------------------------------------------
+# The published checkpoints were pre-trained self-supervised before fine-tuning, and that is where
+# the unimodal paths and the clip-level audio-visual alignment come from. The pieces below are
+# CAV-MAE's (class CAVMAE of YuanGongND/cav-mae, written here from its description): 75% of each
+# modality's tokens are dropped at random; the visible ones go through their encoder; the joint
+# stream (unified block, shared norms, `norm`) feeds a light decoder that reconstructs every
+# removed patch (normalised-pixel targets); the same unified block with the `_a` / `_v` norms and
+# `norm_a` / `norm_v`, mean-pooled over the visible tokens, gives c_a and c_v for an InfoNCE loss
+# (tau 0.05, each video picks its own audio among the batch). L = L_mae_a + L_mae_v + 0.01 L_c.
+# Fine-tuning keeps the encoder (`CAVMAE`, the published keys) and drops `CAVMAEDecoder`.
+MASK_RATIO = 0.75  # CAV-MAE recipes: 75% of the tokens of each modality removed
+CONTRAST_TAU = 0.05  # fixed temperature of the contrastive loss
+MAE_WEIGHT, CONTRAST_WEIGHT = 1.0, 0.01  # every released recipe (run_cavmae_pretrain_base.sh)
+
+
+class CAVMAEDecoder(nn.Module):
+    """CAV-MAE's pre-training decoder (keys as published: decoder_embed, mask_token, decoder_blocks, ...)."""
+
+    def __init__(self, config="tiny"):
+        super().__init__()
+        c = CONFIGS[config]
+        D, d, p = c["embed_dim"], c["decoder_dim"], c["patch_size"]
+        self.grid_a = (c["mel_bins"] // p, c["audio_length"] // p)
+        self.grid_v = (c["image_size"] // p, c["image_size"] // p)
+        self.decoder_embed = nn.Linear(D, d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, d))
+        self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, d))
+        # fixed sin-cos position embeddings (requires_grad False, as in CAV-MAE)
+        self.decoder_pos_embed_a = nn.Parameter(sincos_pos_embed(d, *self.grid_a), requires_grad=False)
+        self.decoder_pos_embed_v = nn.Parameter(sincos_pos_embed(d, *self.grid_v), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(d, c["decoder_heads"], c["mlp_ratio"]) for _ in range(c["decoder_depth"])])
+        self.decoder_norm = nn.LayerNorm(d)
+        self.decoder_pred_a = nn.Linear(d, p * p * 1)
+        self.decoder_pred_v = nn.Linear(d, p * p * 3)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for t in (self.mask_token, self.decoder_modality_a, self.decoder_modality_v):
+            nn.init.normal_(t, std=0.02)
+
+    def forward(self, latent, n_vis_a, ids_restore_a, ids_restore_v):
+        """latent (B, n_vis_a + n_vis_v, D), the joint stream's visible tokens [audio; video] ->
+        predicted patches of EVERY position: audio (B, N_a, p*p), video (B, N_v, p*p*3)."""
+        x = self.decoder_embed(latent)                                         # (B, n_vis, d)
+        B, _, d = x.shape
+
+        def unshuffle(vis, ids_restore):  # append mask tokens, put every token back in its place
+            full = torch.cat([vis, self.mask_token.expand(B, ids_restore.shape[1] - vis.shape[1], d)], dim=1)
+            return full.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+        x_a = unshuffle(x[:, :n_vis_a], ids_restore_a) + self.decoder_pos_embed_a + self.decoder_modality_a  # (B, N_a, d)
+        x_v = unshuffle(x[:, n_vis_a:], ids_restore_v) + self.decoder_pos_embed_v + self.decoder_modality_v  # (B, N_v, d)
+        x = torch.cat([x_a, x_v], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        n_a = x_a.shape[1]
+        return self.decoder_pred_a(x[:, :n_a]), self.decoder_pred_v(x[:, n_a:])
+
+
+def random_masking(x, mask_ratio, generator=None):
+    """MAE's per-sample random token dropping. x (B, N, D) -> visible (B, keep, D), mask (B, N)
+    with 1 = removed (original order), ids_restore (B, N) that un-shuffles [visible; removed].
+    keep = int(N * (1 - mask_ratio))."""
+    B, N, D = x.shape
+    keep = int(N * (1 - mask_ratio))
+    noise = torch.rand(B, N, generator=generator, device="cpu").to(x.device)  # (B, N)
+    ids_shuffle = noise.argsort(dim=1)  # ascending: the first `keep` are kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    visible = x.gather(1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(B, N, device=x.device, dtype=x.dtype)
+    mask[:, :keep] = 0
+    return visible, mask.gather(1, ids_restore), ids_restore
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C), row-major patches, each ordered (row, col, channel)
+    as MAE's patchify (the order the decoder's predictions are compared in)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)       # (B, H/p, W/p, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def mae_loss(pred, target, mask, norm_pix=True):
+    """Mean squared error over each patch, averaged over the REMOVED patches only.
+    pred, target (B, N, P); mask (B, N) with 1 = removed. norm_pix: each target patch becomes
+    (t - mean) / sqrt(var + 1e-6), unbiased variance over the patch (CAV-MAE's norm_pix_loss)."""
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)                           # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def contrastive_loss(c_a, c_v, tau=CONTRAST_TAU):
+    """CAV-MAE's InfoNCE: S_ij = <c_a_i, c_v_j> / tau on L2-normalised features; each video column
+    j picks its own audio: -mean_j log softmax_i(S)_{jj}. c_a, c_v (B, D) -> scalar."""
+    c_a, c_v = nn.functional.normalize(c_a, dim=-1), nn.functional.normalize(c_v, dim=-1)
+    sim = c_a @ c_v.t() / tau                                                 # (B, B): rows audio, columns video
+    target = torch.arange(len(sim), device=sim.device)
+    return nn.functional.cross_entropy(sim.t(), target)  # row j of sim.t() = column j of sim, softmax over audio
+
+
+def pretrain_losses(model, decoder, audio, video, generator=None, mask_ratio=MASK_RATIO):
+    """One CAV-MAE pre-training forward. audio (B, T, F), video (B, 3, H, W) ->
+    {'mae_a', 'mae_v', 'contrastive', 'loss'} (scalars; 'loss' is the weighted total)."""
+    p = model.patch_embed_a.proj.kernel_size[0]
+    vis_a, mask_a, restore_a = random_masking(model.embed_audio(audio), mask_ratio, generator)  # (B, n_a, D)
+    vis_v, mask_v, restore_v = random_masking(model.embed_video(video), mask_ratio, generator)  # (B, n_v, D)
+    z_a = model.run_blocks(model.blocks_a, vis_a)
+    z_v = model.run_blocks(model.blocks_v, vis_v)
+    # joint stream for the decoder: unified block with the shared norms, then `norm`
+    x = torch.cat([z_a, z_v], dim=1)
+    for blk in model.blocks_u:
+        x = blk(x)
+    pred_a, pred_v = decoder(model.norm(x), z_a.shape[1], restore_a, restore_v)
+    loss_mae_a = mae_loss(pred_a, patchify(audio.unsqueeze(1).transpose(2, 3), p), mask_a)
+    loss_mae_v = mae_loss(pred_v, patchify(video, p), mask_v)
+    # contrastive streams: the same unified block with the modality's own norms, mean over visible tokens
+    loss_c = contrastive_loss(model.fuse_single(z_a, "a"), model.fuse_single(z_v, "v"))
+    loss = MAE_WEIGHT * (loss_mae_a + loss_mae_v) + CONTRAST_WEIGHT * loss_c
+    return {"mae_a": loss_mae_a, "mae_v": loss_mae_v, "contrastive": loss_c, "loss": loss}
+
+
+@torch.no_grad()
+def retrieval_top1(c_a, c_v):
+    """Audio -> video top-1 retrieval within one batch: fraction of i with argmax_j cos(c_a_i, c_v_j) = i."""
+    sim = nn.functional.normalize(c_a, dim=-1) @ nn.functional.normalize(c_v, dim=-1).t()
+    return (sim.argmax(dim=1) == torch.arange(len(sim), device=sim.device)).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ Sections, in file order:
 """
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -919,16 +920,66 @@ def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_r
 # ----------------------------------------------------------------------------------------------
 # The embedded benchmark
 # ----------------------------------------------------------------------------------------------
+# Each clip is one audio-visual EVENT: k objects of the class's kind are seen in the frame and are
+# heard striking, once each, in the audio. Three per-clip latent factors besides the class shape
+# BOTH modalities, as a source's physical properties do in a real recording:
+#   size s in [0, 1]       bigger objects in the frame  <->  lower pitch and louder strikes
+#   count k in 1..4        k objects in the frame       <->  k onsets in the audio
+#   material b in [0, 1]   lighter-coloured objects     <->  brighter timbre (flatter partial tilt,
+#                                                            higher impact transient)
+# The class is carried by several cues in each modality, each ambiguous on its own (cues shared by
+# different pairs of classes, plus jitter), as in a real scene where the object, its colour and
+# the context all say something:
+#   video  object hue (10 hues, jittered), object shape (5 shapes, classes c and c + 5 share one),
+#          the orientation of the background texture (5 orientations, classes 2j and 2j + 1 share
+#          one), visible at every scale because the texture is 1/f noise;
+#   audio  the partial frequency ratios of the struck resonator (5 kinds: harmonic, odd,
+#          bar, membrane, stretched; shared by pairs of classes), its decay time (3 lengths),
+#          and a pitch register that overlaps with its neighbours once the size is applied.
+# Frames are 1/f images (natural-image amplitude spectrum) with soft-edged shaded objects; sounds
+# are impacts (2 ms attack, exponential decays, higher partials dying faster, a noise transient)
+# over a pink-noise ambience.
 EMBEDDED = dict(
-    num_classes=10, n_train=1500, n_val=300, n_test=640,
+    num_classes=10, n_train=3000, n_val=300, n_test=2496,  # 2,496 = 39 batches of 64, as Kinetics50-C
     clip_samples=20800,  # 1.3 s at 16 kHz -> exactly 128 fbank frames
     frame_size=64,
-    f_low=250.0, f_step_oct=0.32,  # class c's pitch: 250 Hz * 2^(0.32 c)
-    jitter_audio=0.55,  # per-clip jitter of the pitch, in units of the spacing between neighbouring classes
-    jitter_video=0.40,  # per-clip jitter of the stripe orientation, likewise
-    order=3,  # class c's stripe orientation is number (3 c mod 10) of 10: pitch neighbours are never orientation neighbours
+    max_count=4,  # objects / onsets per clip: 1..4
+    # video cues
+    hue_jitter=0.06,  # std of the object hue around its class hue (class hues are 0.1 apart)
+    grain_period=(3.0, 4.5),  # px: the period of the fine background grain (a detail blur, noise and pixelation remove)
+    grain_contrast=0.2,  # its relative contrast
+    orient_jitter=10.0,  # std (degrees) of the background orientation (class orientations are 36 apart)
+    size_px=(4.5, 10.0),  # object radius in pixels at s = 0 and s = 1 (64 x 64 frame)
+    # audio cues
+    register_oct=0.22,  # spacing of the 10 class pitch registers, octaves (200 Hz .. 2^(9 x 0.22) x 200 Hz)
+    size_oct=1.2,  # the size latent moves the pitch over this many octaves (big = low)
+    decay_s=(0.05, 0.14, 0.4),  # the three decay times of the fundamental, seconds
+    decay_jitter=0.5,  # log-normal std of a clip's decay time
+    inharmonic_jitter=0.07,  # relative std of each partial's frequency ratio, per clip
+    snr_db=(-5.0, 20.0),  # signal-to-ambience ratio of a clip, drawn uniformly in this range (dB)
 )
-EMBEDDED_VERSION = 2  # bump when the generator changes, so old caches are not reused
+# class c -> its cue values (index tables; each cue alone leaves pairs of classes ambiguous)
+CLASS_HUE = (0, 3, 6, 9, 2, 5, 8, 1, 4, 7)            # hue = CLASS_HUE[c] / 10
+CLASS_SHAPE = (0, 1, 2, 3, 4, 0, 1, 2, 3, 4)          # index into SHAPES
+CLASS_ORIENT = (0, 0, 1, 1, 2, 2, 3, 3, 4, 4)         # background orientation = 36 deg x index
+CLASS_PARTIALS = (0, 1, 2, 0, 3, 4, 1, 3, 4, 2)       # index into PARTIALS
+CLASS_DECAY = (0, 1, 2, 1, 0, 1, 2, 2, 2, 0)          # index into EMBEDDED['decay_s']
+CLASS_REGISTER = (0, 7, 4, 1, 8, 5, 2, 9, 6, 3)       # pitch register index
+SHAPES = ((0, 0.0), (3, 0.28), (4, 0.2), (5, 0.42), (2, 0.38))  # radius(theta) = 1 + a cos(m theta): (m, a)
+PARTIALS = ((1.0, 2.0, 3.0, 4.0, 5.0),                # harmonic (string, voice)
+            (1.0, 3.0, 5.0, 7.0, 9.0),                # odd harmonics (closed pipe, clarinet-like)
+            (1.0, 2.756, 5.404, 8.933, 13.34),        # free bar (xylophone, marimba)
+            (1.0, 1.594, 2.136, 2.296, 2.653),        # circular membrane (drum)
+            (1.0, 2.1, 3.3, 4.6, 6.0))                # stretched (stiff string, bell-like)
+EMBEDDED_VERSION = 3  # bump when the generator changes; the cache name also carries a hash of EMBEDDED
+
+
+def embedded_id(cfg=EMBEDDED):
+    """A short name of the benchmark version and its settings: caches and checkpoints carry it, so
+    nothing made from another benchmark version is ever reused."""
+    text = json.dumps([EMBEDDED_VERSION, cfg, CLASS_HUE, CLASS_SHAPE, CLASS_ORIENT, CLASS_PARTIALS,
+                       CLASS_DECAY, CLASS_REGISTER, SHAPES, PARTIALS], sort_keys=True)
+    return f"v{EMBEDDED_VERSION}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def _hsv_to_rgb(h, s, v):
@@ -937,68 +988,165 @@ def _hsv_to_rgb(h, s, v):
     return v.unsqueeze(-1) - (v * s).unsqueeze(-1) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def synth_audio(labels, g, cfg=EMBEDDED):
-    """A harmonic tone whose pitch encodes the class, amplitude-modulated, over soft pink-ish noise.
-
-    labels (N,) -> waveforms (N, clip_samples) at 16 kHz.
-    """
-    N, T = len(labels), cfg["clip_samples"]
-    t = torch.arange(T) / SAMPLE_RATE  # (T,)
-    octave = cfg["f_step_oct"] * (labels.float() + cfg["jitter_audio"] * torch.randn(N, generator=g))
-    f0 = cfg["f_low"] * 2.0 ** octave  # (N,) Hz
-    phase = 2 * math.pi * torch.rand(N, 3, generator=g)
-    tone = sum((1.0 / h) * torch.sin(2 * math.pi * h * f0[:, None] * t + phase[:, h - 1:h]) for h in (1, 2, 3))
-    rate, depth = 2 + 4 * torch.rand(N, 1, generator=g), 0.5 * torch.rand(N, 1, generator=g)
-    tone = tone * (1 - depth * (0.5 + 0.5 * torch.sin(2 * math.pi * rate * t)))  # (N, T)
-    tone = tone / tone.pow(2).mean(1, keepdim=True).sqrt() * (0.03 + 0.07 * torch.rand(N, 1, generator=g))
-    spectrum = torch.fft.rfft(torch.randn(N, T, generator=g), dim=1)  # white noise, (N, T/2 + 1)
-    pink = torch.fft.irfft(spectrum / torch.arange(1, spectrum.shape[1] + 1).sqrt(), n=T, dim=1)  # 1/f power
-    pink = pink / pink.pow(2).mean(1, keepdim=True).sqrt() * (0.005 + 0.015 * torch.rand(N, 1, generator=g))
-    return (tone + pink).clamp(-1, 1)
+def draw_latents(labels, g, cfg=EMBEDDED):
+    """The per-clip event factors shared by sound and picture: size (N,), count (N,) long, material (N,)."""
+    n = len(labels)
+    return {"size": torch.rand(n, generator=g), "count": torch.randint(1, cfg["max_count"] + 1, (n,), generator=g),
+            "material": torch.rand(n, generator=g)}
 
 
-def synth_frames(labels, g, cfg=EMBEDDED):
-    """A disk of random colour whose stripe ORIENTATION encodes the class, on a smooth grey-ish background.
+def _one_over_f(n, size, g, exponent, orientation=None, kappa=0.0):
+    """n noise fields (n, size, size) with amplitude spectrum ~ 1 / f^exponent, optionally stronger
+    along `orientation` (n,) radians (a von Mises weight exp(kappa (cos 2(phi - orientation) - 1)))."""
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    f = (fx ** 2 + fy ** 2).sqrt().clamp_min(1.0 / size)                    # (S, S/2 + 1) cycles/px
+    amp = f ** -exponent
+    amp[0, 0] = 0.0                                                           # zero mean
+    if orientation is not None:
+        # the texture's stripes run along `orientation`: its energy lies across it
+        phi = torch.atan2(fy, fx)[None]                                       # (1, S, S/2 + 1)
+        amp = amp * torch.exp(kappa * (torch.cos(2 * (phi - orientation[:, None, None] - math.pi / 2)) - 1))
+    spectrum = torch.fft.rfft2(torch.randn(n, size, size, generator=g)) * amp
+    field = torch.fft.irfft2(spectrum, s=(size, size))
+    return (field - field.mean((1, 2), keepdim=True)) / field.std((1, 2), keepdim=True)
 
-    labels (N,) -> uint8 frames (N, 3, S, S). The colour, position, size and stripe period are nuisances.
-    """
-    N, S, K = len(labels), cfg["frame_size"], cfg["num_classes"]
-    bg = F.interpolate(0.3 + 0.4 * torch.rand(N, 3, 4, 4, generator=g), size=(S, S), mode="bicubic",
-                       align_corners=False)  # (N, 3, S, S)
-    bg = 0.7 * bg + 0.3 * bg.mean(1, keepdim=True)  # low saturation
-    colour = _hsv_to_rgb(torch.rand(N, generator=g), 0.5 + 0.4 * torch.rand(N, generator=g),
-                         0.7 + 0.3 * torch.rand(N, generator=g))  # (N, 3)
-    # class c's orientation: position (3 c mod 10) of 10 evenly spaced angles in [0, pi), plus jitter
-    position = ((cfg["order"] * labels) % K).float() + cfg["jitter_video"] * torch.randn(N, generator=g)
-    angle = (math.pi * position / K)[:, None, None]  # (N, 1, 1)
-    yy, xx = torch.meshgrid(torch.arange(S).float(), torch.arange(S).float(), indexing="ij")  # (S, S)
-    cy, cx = (S * (0.35 + 0.3 * torch.rand(2, N, 1, 1, generator=g)))  # (N, 1, 1) each
-    radius = S * (0.25 + 0.1 * torch.rand(N, 1, 1, generator=g))
-    disk = (((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() < radius).float().unsqueeze(1)  # (N, 1, S, S)
-    period = 3.5 + 1.5 * torch.rand(N, 1, 1, generator=g)
-    stripes = 0.6 + 0.4 * torch.sin(2 * math.pi / period * (xx * torch.cos(angle) + yy * torch.sin(angle)))
-    obj = colour[:, :, None, None] * stripes.unsqueeze(1)  # (N, 3, S, S)
-    img = bg * (1 - disk) + obj * disk
+
+def _oriented_band(n, size, g, orientation, period, kappa=4.0, bandwidth=0.35):
+    """n unit-std noise fields (n, size, size) of fine oriented grain: energy in a band around spatial
+    frequency 1 / period (n,) px (log-Gaussian, `bandwidth` octaves std), with wavefronts along
+    `orientation` (n,) radians (von Mises weight exp(kappa (cos 2(phi - orientation - pi/2) - 1)))."""
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    f = (fx ** 2 + fy ** 2).sqrt().clamp_min(1.0 / size)[None]               # (1, S, S/2 + 1)
+    phi = torch.atan2(fy, fx)[None]
+    radial = torch.exp(-0.5 * (torch.log2(f * period[:, None, None]) / bandwidth) ** 2)
+    angular = torch.exp(kappa * (torch.cos(2 * (phi - orientation[:, None, None] - math.pi / 2)) - 1))
+    field = torch.fft.irfft2(torch.fft.rfft2(torch.randn(n, size, size, generator=g)) * radial * angular, s=(size, size))
+    return (field - field.mean((1, 2), keepdim=True)) / field.std((1, 2), keepdim=True)
+
+
+def synth_frames(labels, latents, g, cfg=EMBEDDED):
+    """One frame per clip: a 1/f background textured along the class orientation, with `count`
+    soft-edged, shaded objects of the class shape and hue, radius set by `size`, lightness by
+    `material`. labels (N,) -> uint8 (N, 3, S, S)."""
+    n, S, K = len(labels), cfg["frame_size"], cfg["max_count"]
+    # background: two random low-saturation colours mixed by a 1/f field (the scene), 1/f shading, and a
+    # fine grain (like grass, fabric or water) running along the class's orientation
+    orient = torch.tensor(CLASS_ORIENT)[labels].float() * math.pi / 5 \
+        + math.radians(cfg["orient_jitter"]) * torch.randn(n, generator=g)  # (N,)
+    scene = _one_over_f(n, S, g, 1.0)                                         # (N, S, S)
+    light = _one_over_f(n, S, g, 1.2)
+    lo_p, hi_p = cfg["grain_period"]
+    period = lo_p + (hi_p - lo_p) * torch.rand(n, generator=g)
+    grain = _oriented_band(n, S, g, orient, period)
+    c1 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.25 * torch.rand(n, generator=g), 0.25 + 0.3 * torch.rand(n, generator=g))
+    c2 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.25 * torch.rand(n, generator=g), 0.55 + 0.3 * torch.rand(n, generator=g))
+    mix = torch.sigmoid(2.5 * scene)[:, None]                                 # (N, 1, S, S)
+    img = c1[:, :, None, None] * (1 - mix) + c2[:, :, None, None] * mix
+    img = img * (1 + 0.2 * light[:, None] + cfg["grain_contrast"] * grain[:, None])  # (N, 3, S, S)
+    # objects: all of the class shape; radius from size, colour from the class hue and material
+    m = torch.tensor([SHAPES[s][0] for s in CLASS_SHAPE], dtype=torch.float)[labels][:, None]   # (N, 1)
+    a = torch.tensor([SHAPES[s][1] for s in CLASS_SHAPE])[labels][:, None]
+    lo, hi = cfg["size_px"]
+    radius = (lo + (hi - lo) * latents["size"])[:, None] * (0.9 + 0.2 * torch.rand(n, K, generator=g))  # (N, K)
+    cy, cx = (S * (0.12 + 0.76 * torch.rand(2, n, K, generator=g)))           # (N, K) each
+    turn = 2 * math.pi * torch.rand(n, K, generator=g)
+    hue = (torch.tensor(CLASS_HUE)[labels].float() / 10 + cfg["hue_jitter"] * torch.randn(n, generator=g)) % 1.0
+    sat = 0.6 + 0.35 * torch.rand(n, generator=g)
+    val = 0.4 + 0.55 * latents["material"]
+    colour = _hsv_to_rgb(hue, sat, val)                                        # (N, 3)
+    yy, xx = torch.meshgrid(torch.arange(S).float() + 0.5, torch.arange(S).float() + 0.5, indexing="ij")
+    for j in range(K):  # painter's order; slot j is drawn only when count > j
+        dy, dx = yy - cy[:, j, None, None], xx - cx[:, j, None, None]         # (N, S, S)
+        rho, theta = (dx ** 2 + dy ** 2).sqrt(), torch.atan2(dy, dx)
+        edge = radius[:, j, None, None] * (1 + a[:, :, None] * torch.cos(m[:, :, None] * (theta - turn[:, j, None, None])))
+        alpha = torch.sigmoid((edge - rho) / 0.5) * (latents["count"] > j).float()[:, None, None]  # soft edge, (N, S, S)
+        shade = 1.0 - 0.25 * (dy + dx) / (2 * radius[:, j, None, None])       # lit from the top left
+        obj = colour[:, :, None, None] * shade.clamp(0.6, 1.3)[:, None]
+        img = img * (1 - alpha[:, None]) + obj * alpha[:, None]
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def generate_embedded(seed=0, cfg=EMBEDDED):
-    """Generate the three splits' raw clips: {split: {'wav': (N, T) int16, 'frames': uint8, 'label'}}."""
+def synth_audio(labels, latents, g, cfg=EMBEDDED):
+    """One sound per clip: `count` strikes of the class's resonator (its partial ratios, decay and
+    pitch register; pitch lowered and level raised by `size`, timbre brightened by `material`), each
+    with a short noise transient, over pink-noise ambience. labels (N,) -> (N, clip_samples) in [-1, 1]."""
+    n, T, K = len(labels), cfg["clip_samples"], cfg["max_count"]
+    t = torch.arange(T) / SAMPLE_RATE                                          # (T,) s
+    size, material, count = latents["size"][:, None], latents["material"][:, None], latents["count"]
+    register = torch.tensor(CLASS_REGISTER)[labels].float()[:, None]
+    f0 = 200.0 * 2.0 ** (cfg["register_oct"] * register + cfg["size_oct"] * (0.5 - size))       # (N, 1) Hz
+    ratios = torch.tensor(PARTIALS)[torch.tensor(CLASS_PARTIALS)[labels]]      # (N, P)
+    ratios = ratios * (1 + cfg["inharmonic_jitter"] * torch.randn(ratios.shape, generator=g)).clamp_min(0.5)
+    ratios[:, 0] = 1.0
+    tilt = 1.8 - 1.3 * material                                                # partial n has amplitude n^-tilt
+    amps = torch.arange(1, ratios.shape[1] + 1).float()[None] ** -tilt        # (N, P)
+    amps = amps * (f0 * ratios < 7000).float()                                 # nothing above 7 kHz
+    decay = torch.tensor(cfg["decay_s"])[torch.tensor(CLASS_DECAY)[labels]][:, None] \
+        * torch.exp(cfg["decay_jitter"] * torch.randn(n, 1, generator=g))     # (N, 1) s
+    # onsets: the clip is cut into `count` equal slots, one strike at a random place in each
+    slot = 1.15 / count.float()[:, None]
+    onset = 0.05 + slot * (torch.arange(K).float()[None] + 0.7 * torch.rand(n, K, generator=g))  # (N, K) s
+    level = (0.35 + 0.65 * size) * (0.8 + 0.4 * torch.rand(n, K, generator=g))                  # (N, K)
+    level = level * (torch.arange(K)[None] < count[:, None]).float()
+    # transient: band-limited noise centred at 1.5 kHz x 2^(1.5 material), 8 ms decay
+    freqs = torch.fft.rfftfreq(T, 1 / SAMPLE_RATE)[None]                       # (1, T/2 + 1)
+    centre = 1500.0 * 2.0 ** (1.5 * material)
+    band = torch.exp(-0.5 * (torch.log2(freqs.clamp_min(20) / centre) / 0.5) ** 2)
+    burst = torch.fft.irfft(torch.fft.rfft(torch.randn(n, T, generator=g)) * band, n=T)
+    burst = burst / burst.pow(2).mean(1, keepdim=True).sqrt()
+    # one strike's sound (the impulse response of the struck object), (N, T): 2 ms attack; partial p
+    # rings at f0 x ratio_p and dies with tau_p = decay / sqrt(ratio_p) (higher partials die faster)
+    attack = 1 - torch.exp(-t[None] / 0.002)
+    phase = 2 * math.pi * torch.rand(n, ratios.shape[1], generator=g)
+    ring = torch.zeros(n, T)
+    for p in range(ratios.shape[1]):
+        tau = decay / ratios[:, p, None].sqrt()
+        ring = ring + amps[:, p, None] * torch.sin(2 * math.pi * f0 * ratios[:, p, None] * t[None] + phase[:, p, None]) \
+            * torch.exp(-t[None] / tau)
+    strike = attack * (ring / amps.sum(1, keepdim=True).clamp_min(1e-6) + 0.5 * burst * torch.exp(-t[None] / 0.008))
+    # the clip: every strike placed at its onset with its level (a convolution with the impulse train)
+    train = torch.zeros(n, T)
+    train.scatter_add_(1, (onset * SAMPLE_RATE).round().long().clamp(max=T - 1), level)
+    wav = torch.fft.irfft(torch.fft.rfft(strike, n=2 * T) * torch.fft.rfft(train, n=2 * T), n=2 * T)[:, :T]
+    wav = 0.4 * wav
+    # ambience: pink noise at a signal-to-noise ratio drawn per clip
+    spectrum = torch.fft.rfft(torch.randn(n, T, generator=g), dim=1)
+    pink = torch.fft.irfft(spectrum / torch.arange(1, spectrum.shape[1] + 1).sqrt(), n=T, dim=1)
+    snr_db = cfg["snr_db"][0] + (cfg["snr_db"][1] - cfg["snr_db"][0]) * torch.rand(n, 1, generator=g)
+    signal_rms = wav.pow(2).mean(1, keepdim=True).sqrt()
+    pink = pink / pink.pow(2).mean(1, keepdim=True).sqrt() * signal_rms * 10 ** (-snr_db / 20)
+    return (wav + pink).clamp(-1, 1)
+
+
+def generate_embedded(seed=0, cfg=EMBEDDED, chunk=500, quiet=None):
+    """Generate the three splits: {split: {'wav': (N, T) int16, 'frames': uint8 (N, 3, S, S), 'label',
+    'size', 'count', 'material'}}, in chunks of `chunk` clips (bounded memory, a progress bar)."""
     out = {}
+    total = sum(cfg[f"n_{s}"] for s in ("train", "val", "test"))
+    bar = tqdm(total=total, desc="generating the embedded benchmark", unit="clip", dynamic_ncols=True,
+               disable=total < 1000 if quiet is None else quiet)
     for i, split in enumerate(("train", "val", "test")):
         g = torch.Generator().manual_seed(seed * 1000 + i)
         n = cfg[f"n_{split}"]
-        labels = torch.arange(n) % cfg["num_classes"]
-        labels = labels[torch.randperm(n, generator=g)]
-        wav = synth_audio(labels, g, cfg)
-        out[split] = {"wav": (wav * 32767).round().to(torch.int16), "frames": synth_frames(labels, g, cfg),
-                      "label": labels}
+        labels = (torch.arange(n) % cfg["num_classes"])[torch.randperm(n, generator=g)]
+        latents = draw_latents(labels, g, cfg)
+        wavs, frames = [], []
+        for s in range(0, n, chunk):
+            part = {k: v[s:s + chunk] for k, v in latents.items()}
+            wavs.append(synth_audio(labels[s:s + chunk], part, g, cfg))
+            frames.append(synth_frames(labels[s:s + chunk], part, g, cfg))
+            bar.update(len(part["size"]))
+        out[split] = {"wav": (torch.cat(wavs) * 32767).round().to(torch.int16), "frames": torch.cat(frames),
+                      "label": labels, **latents}
+    bar.close()
     return out
 
 
 def embedded_raw(seed=0, cache_dir=CACHE_DIR):
     """The raw embedded benchmark, generated once per seed and cached on disk."""
-    path = os.path.join(cache_dir, f"embedded_v{EMBEDDED_VERSION}_seed{seed}.pt")
+    path = os.path.join(cache_dir, f"embedded_{embedded_id()}_seed{seed}.pt")
     if path not in _RAW:  # a truncated or foreign cache file is regenerated; the temp name is per process
         _RAW[path] = common.load_or_rebuild(path, lambda: generate_embedded(seed), valid=_is_raw_benchmark)
     return _RAW[path]

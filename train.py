@@ -68,32 +68,84 @@ def evaluate(model, loader, device, modes=("multimodal", "audioonly", "videoonly
     return {m: 100.0 * c / n for m, c in correct.items()}
 
 
-def train_source(args, quiet=False):
-    """Train the source model on clean data; save it; return (model, metrics)."""
-    device = common.get_device(args.device)
-    common.seed_everything(args.seed)
-    epochs = 12 if args.epochs is None else args.epochs
-    lr = 2e-3 if args.lr is None else args.lr
-    batch_size = 64 if args.batch_size is None else args.batch_size
-    t0 = time.time()
-    if args.data == "embedded":
-        model = common.CAVMAE(args.config, num_classes=data.EMBEDDED["num_classes"])
-        train_set = data.embedded_split("train", model, seed=args.data_seed)
-        val_set = data.embedded_split("test", model, seed=args.data_seed)
-    else:
-        if not (args.train_json and args.label_csv):
-            raise SystemExit("--data read needs --train-json and --label-csv (and --val-json to report accuracy).")
-        num_classes = len(data.read_label_csv(args.label_csv))
-        model = common.CAVMAE(args.config, num_classes=num_classes)
-        kw = dict(mel_bins=model.mel_bins, target_length=model.audio_length, image_size=model.image_size)
-        train_set = data.ReadLayoutDataset(args.train_json, args.label_csv, **kw)
-        val_set = data.ReadLayoutDataset(args.val_json, args.label_csv, **kw) if args.val_json else None
-    model.to(device)
+# The source model is made the CAV-MAE way: self-supervised pre-training on the training split
+# (common.pretrain_losses: masked reconstruction + audio-visual contrastive), then supervised
+# fine-tuning of the same encoder with a classification head.
+PRETRAIN = dict(epochs=6, lr=2e-3, batch_size=64, weight_decay=5e-7, betas=(0.95, 0.999))
+FINETUNE = dict(epochs=9, lr=2e-3, batch_size=64, weight_decay=0.05)
+
+
+@torch.no_grad()
+def retrieval(model, dataset, device, batch_size=64, seed=0):
+    """Audio -> video top-1 retrieval (%) within batches of `batch_size` clean clips, with the
+    unimodal features CAV-MAE's contrastive loss uses (unified block with the _a / _v norms,
+    norm_a / norm_v, mean over tokens): for the true pairs, and with every video swapped for
+    another clip's of the same class (a clip's partner then shares only its class)."""
+    model.eval()
+    feats_a, feats_v = [], []
+    for batch in data.make_loader(dataset, 256, shuffle=False):
+        batch = data.to_device(batch, device)
+        z_a, z_v = model.encode(batch["audio"], batch["video"])
+        feats_a.append(model.fuse_single(z_a, "a"))
+        feats_v.append(model.fuse_single(z_v, "v"))
+    c_a, c_v, labels = torch.cat(feats_a), torch.cat(feats_v), dataset.fields["label"].to(device)
+    g = torch.Generator().manual_seed(seed)
+    swap = torch.arange(len(labels))  # a permutation within each class
+    for k in labels.unique():
+        idx = (labels == k).nonzero().flatten().cpu()
+        swap[idx] = idx[torch.randperm(len(idx), generator=g)]
+    order = torch.randperm(len(labels), generator=g)  # batches of random clips
+    out = {"true_pairs": [], "class_shuffled": []}
+    for s in range(0, len(order) - batch_size + 1, batch_size):
+        b = order[s:s + batch_size]
+        out["true_pairs"].append(common.retrieval_top1(c_a[b], c_v[b]))
+        out["class_shuffled"].append(common.retrieval_top1(c_a[b], c_v[swap[b]]))
+    return {k: 100.0 * float(np.mean(v)) for k, v in out.items()}
+
+
+def pretrain(model, train_set, args, device, quiet=False):
+    """CAV-MAE pre-training of `model`'s encoder on `train_set` (labels unused); returns the decoder."""
+    decoder = common.CAVMAEDecoder(model.config).to(device)
+    for p in (model.pos_embed_a, model.pos_embed_v):
+        p.requires_grad_(False)  # CAV-MAE: fixed sin-cos position embeddings during pre-training
+    params = [p for p in list(model.parameters()) + list(decoder.parameters()) if p.requires_grad]
+    epochs = PRETRAIN["epochs"] if args.pretrain_epochs is None else args.pretrain_epochs
+    loader = data.make_loader(train_set, PRETRAIN["batch_size"], shuffle=True, seed=args.seed)
+    # DEVIATION: CAV-MAE starts from ImageNet MAE weights (Adam 5e-5, halved from epoch 10); ours
+    # starts from scratch, so a larger one-cycle learning rate over a short schedule.
+    opt = torch.optim.Adam(params, lr=PRETRAIN["lr"], betas=PRETRAIN["betas"], weight_decay=PRETRAIN["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PRETRAIN["lr"], total_steps=max(1, epochs * len(loader)),
+                                                pct_start=0.1)
+    g = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(total=epochs * len(loader), desc="pre-training (masked + contrastive)", disable=quiet, dynamic_ncols=True)
+    for epoch in range(epochs):
+        model.train()
+        for batch in loader:
+            batch = data.to_device(batch, device)
+            losses = common.pretrain_losses(model, decoder, batch["audio"], batch["video"], generator=g)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, mae_a=f"{losses['mae_a'].item():.3f}", mae_v=f"{losses['mae_v'].item():.3f}",
+                            c=f"{losses['contrastive'].item():.3f}")
+    bar.close()
+    for p in (model.pos_embed_a, model.pos_embed_v):
+        p.requires_grad_(True)  # fine-tuning trains them (CAVMAEFT's tr_pos=True)
+    return decoder
+
+
+def finetune(model, train_set, args, device, quiet=False):
+    """Supervised fine-tuning: cross-entropy on the multimodal logits plus, with half the weight each,
+    the audio-only and video-only logits (so the unimodal paths the methods use stay classifiers)."""
+    epochs = FINETUNE["epochs"] if args.epochs is None else args.epochs
+    lr = FINETUNE["lr"] if args.lr is None else args.lr
+    batch_size = FINETUNE["batch_size"] if args.batch_size is None else args.batch_size
     loader = data.make_loader(train_set, batch_size, shuffle=True, seed=args.seed, num_workers=args.workers)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = tqdm(total=steps, desc="source training", disable=quiet, dynamic_ncols=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=FINETUNE["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.1)
+    bar = tqdm(total=epochs * len(loader), desc="fine-tuning", disable=quiet, dynamic_ncols=True)
     for epoch in range(epochs):
         model.train()
         for batch in loader:
@@ -111,12 +163,41 @@ def train_source(args, quiet=False):
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     bar.close()
-    model.eval()
-    metrics = {"train_seconds": time.time() - t0}
+    return model.eval()
+
+
+def train_source(args, quiet=False):
+    """Pre-train (CAV-MAE) and fine-tune the source model on clean data; save it; return (model, metrics)."""
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    t0 = time.time()
+    if args.data == "embedded":
+        model = common.CAVMAE(args.config, num_classes=data.EMBEDDED["num_classes"])
+        train_set = data.embedded_split("train", model, seed=args.data_seed)
+        val_set = data.embedded_split("test", model, seed=args.data_seed)
+    else:
+        if not (args.train_json and args.label_csv):
+            raise SystemExit("--data read needs --train-json and --label-csv (and --val-json to report accuracy).")
+        num_classes = len(data.read_label_csv(args.label_csv))
+        model = common.CAVMAE(args.config, num_classes=num_classes)
+        kw = dict(mel_bins=model.mel_bins, target_length=model.audio_length, image_size=model.image_size)
+        train_set = data.ReadLayoutDataset(args.train_json, args.label_csv, **kw)
+        val_set = data.ReadLayoutDataset(args.val_json, args.label_csv, **kw) if args.val_json else None
+    model.to(device)
+    metrics = {}
+    if args.pretrain_epochs != 0:
+        pretrain(model, train_set, args, device, quiet)
+        if val_set is not None and isinstance(val_set, data.AVTensors):
+            metrics["retrieval_pretrained"] = retrieval(model, val_set, device)
+    finetune(model, train_set, args, device, quiet)
+    metrics["train_seconds"] = time.time() - t0
     if val_set is not None:
         metrics.update(evaluate(model, data.make_loader(val_set, 256, shuffle=False), device))
+        if isinstance(val_set, data.AVTensors):
+            metrics["retrieval_finetuned"] = retrieval(model, val_set, device)
     out = args.out or default_checkpoint(args.data, args.config)
-    common.save_checkpoint(out, model, data=args.data, data_seed=args.data_seed, seed=args.seed, metrics=metrics)
+    common.save_checkpoint(out, model, data=args.data, data_seed=args.data_seed, seed=args.seed, metrics=metrics,
+                           benchmark=data.embedded_id() if args.data == "embedded" else None)
     default = out == default_checkpoint(args.data, args.config)
     common.write_json(os.path.join(RESULTS_DIR, "train_source.json") if default else os.path.splitext(out)[0] + ".json",
                {"args": vars(args), "checkpoint": out, "clean_accuracy": metrics})
@@ -125,6 +206,11 @@ def train_source(args, quiet=False):
         print(f"clean test accuracy (%): fused {metrics.get('multimodal', float('nan')):.1f} | "
               f"audio-only {metrics.get('audioonly', float('nan')):.1f} | "
               f"video-only {metrics.get('videoonly', float('nan')):.1f} | {metrics['train_seconds']:.1f} s")
+        for key in ("retrieval_pretrained", "retrieval_finetuned"):
+            if key in metrics:
+                r = metrics[key]
+                print(f"audio->video top-1 retrieval in clean test batches of 64, {key.split('_')[1]} model: "
+                      f"{r['true_pairs']:.1f}% (pairs shuffled within each class: {r['class_shuffled']:.1f}%)")
     return model, metrics
 
 
@@ -248,26 +334,38 @@ def missing_modality_sets(args, backbone):
 
 def default_source(config, data_seed, device):
     """The default source model on the embedded benchmark: checkpoints/embedded_<config>.pt, trained first
-    when it is missing or unreadable (an interrupted save of an older version). Returns (model, meta)."""
+    when it is missing, unreadable (an interrupted save) or made on another version of the benchmark.
+    Returns (model, meta)."""
     path = default_checkpoint("embedded", config)
     if os.path.isfile(path):
         try:
-            return common.load_checkpoint(path, device=device)
+            model, meta = common.load_checkpoint(path, device=device)
+            if meta.get("benchmark") == data.embedded_id():
+                return model, meta
+            print(f"the default source checkpoint {path} was trained on another version of the embedded benchmark; "
+                  f"training it again")
         except common.CheckpointError as e:
             print(f"the default source checkpoint cannot be used ({e}); training it again")
     else:
-        print(f"no source checkpoint at {path}: training one first (about half a minute on a CPU)")
+        print(f"no source checkpoint at {path}: training one first (about a minute and a half on a CPU)")
     train_source(build_parser().parse_args(["--config", config, "--device", str(device), "--out", path,
                                             "--data-seed", str(data_seed)]))
     return common.load_checkpoint(path, device=device)
 
 
 def check_data_seed(path, meta, data_seed):
-    """Refuse a source model trained on another seed of the embedded benchmark (its test split differs)."""
-    if meta.get("data", "embedded") == "embedded" and meta.get("data_seed", data_seed) != data_seed:
+    """Refuse a source model trained on another seed or another version of the embedded benchmark (its
+    test split differs)."""
+    if meta.get("data", "embedded") != "embedded":
+        return
+    if meta.get("data_seed", data_seed) != data_seed:
         raise SystemExit(f"error: {path} was trained on the embedded benchmark with --data-seed {meta['data_seed']}, "
                          f"not {data_seed}; pass the matching --data-seed or a --checkpoint trained with "
                          f"`python train.py --data-seed {data_seed} --out <file>`.")
+    if "data" in meta and meta.get("benchmark") != data.embedded_id():
+        raise SystemExit(f"error: {path} was trained on another version of the embedded benchmark "
+                         f"({meta.get('benchmark') or 'before v3'}, this is {data.embedded_id()}); train it again with "
+                         f"`python train.py --out {path}`.")
 
 
 def load_or_train_source(args, device):
@@ -346,11 +444,14 @@ def build_parser():
     p.add_argument("--config", default=None, choices=list(common.CONFIGS),
                    help="model size, base = published CAV-MAE (default: tiny; with --checkpoint, the checkpoint's own)")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"epochs (default: 12 for source; {method_defaults('EPOCHS')})")
+                   help=f"epochs (default: {FINETUNE['epochs']} of fine-tuning for source; {method_defaults('EPOCHS')})")
+    p.add_argument("--pretrain-epochs", type=non_negative_int, default=None,
+                   help=f"source: epochs of CAV-MAE pre-training before fine-tuning, 0 skips it "
+                        f"(default: {PRETRAIN['epochs']})")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help=f"peak learning rate (default: 2e-3 for source; {method_defaults('LR')})")
+                   help=f"peak learning rate (default: {FINETUNE['lr']:g} for source fine-tuning; {method_defaults('LR')})")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help=f"batch size (default: 64 for source; {method_defaults('BATCH_SIZE')})")
+                   help=f"batch size (default: {FINETUNE['batch_size']} for source; {method_defaults('BATCH_SIZE')})")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the source training run (default: 0)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[1, 2, 3],
                    help="seeds of the method runs, distinct (default: 1 2 3)")

@@ -21,11 +21,18 @@ def changed_keys(before, model):
     return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
 
 
+@pytest.fixture(scope="session")
+def source_model():
+    """The default source model (checkpoints/embedded_tiny.pt), trained once if missing or out of date."""
+    import train
+    return train.default_source("tiny", 0, "cpu")[0]
+
+
 def source_stream_accuracy(corruption, batch_size, seed=1):
     """The frozen source model's batch-averaged accuracy (%) on the shuffled video-corrupted test stream,
     computed directly, to check the runner's paired Source column."""
-    import common, data, train
-    model, _ = common.load_checkpoint(train.default_checkpoint())
+    import data, train
+    model, _ = train.default_source("tiny", 0, "cpu")
     ds = data.embedded_split("test", model, video_corruption=corruption)
     accs = []
     with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 
 import adapt
 import common
+import data
 from common import CAVMAE
 from test_data import read_layout_argv
 from conftest import changed_keys, source_stream_accuracy
@@ -212,7 +213,8 @@ def test_runner_default_results_file(tmp_path, monkeypatch):
 
 def tiny10(tmp_path, data_seed=0):
     ckpt = tmp_path / "tiny10.pt"
-    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=10), data="embedded", data_seed=data_seed)
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=10), data="embedded", data_seed=data_seed,
+                           benchmark=data.embedded_id())
     return str(ckpt)
 
 

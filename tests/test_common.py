@@ -281,3 +281,86 @@ def test_error_from_a_dataloader_worker_becomes_its_own_sentence():
                          "last):\n  File \"x.py\", line 1, in f\ndata.DataError: clip.wav is empty; remove it.\n")
     assert common.error_sentence(wrapped) == "clip.wav is empty; remove it."
     assert common.error_sentence(ValueError("plain")) == "plain"
+
+
+# ---------------------------------------------------------------------------- CAV-MAE pre-training
+def test_sincos_pos_embed_by_hand():
+    # dim 4: one frequency omega = 1 / 10000^0 = 1; a token is [sin(col), cos(col), sin(row), cos(row)]
+    pe = common.sincos_pos_embed(4, 2, 2)  # (1, 4, 4), row-major
+    s1, c1 = math.sin(1.0), math.cos(1.0)
+    expected = torch.tensor([[0, 1, 0, 1], [s1, c1, 0, 1], [0, 1, s1, c1], [s1, c1, s1, c1]])
+    assert torch.allclose(pe[0], expected, atol=1e-6)
+
+
+def test_random_masking_keeps_a_quarter_and_restores_the_order():
+    x = torch.arange(8.0).view(1, 8, 1).repeat(3, 1, 2)  # token i holds the value i
+    visible, mask, restore = common.random_masking(x, 0.75, torch.Generator().manual_seed(0))
+    assert visible.shape == (3, 2, 2) and torch.equal(mask.sum(1), torch.full((3,), 6.0))  # int(8 * 0.25) = 2 kept
+    for b in range(3):
+        kept = visible[b, :, 0].long()
+        assert torch.equal(mask[b, kept], torch.zeros(2))  # the kept tokens are the unmasked positions
+        # [visible; the rest] gathered with ids_restore is the original order
+        rest = torch.tensor([i for i in range(8) if i not in kept.tolist()], dtype=torch.float)
+        shuffled = torch.cat([kept.float(), rest])
+        assert sorted(shuffled.tolist()) == list(range(8))
+        assert torch.equal(torch.sort(shuffled[restore[b]]).values, torch.arange(8.0))
+
+
+def test_patchify_orders_rows_then_columns_then_channels():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    p = common.patchify(x, 2)  # 4 patches of 2 x 2
+    assert p[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    rgb = torch.stack([torch.zeros(2, 2), torch.ones(2, 2), 2 * torch.ones(2, 2)]).unsqueeze(0)  # (1, 3, 2, 2)
+    assert common.patchify(rgb, 2)[0, 0].tolist() == [0, 1, 2] * 4  # channel is the fastest index
+
+
+def test_mae_loss_by_hand():
+    pred = torch.zeros(1, 2, 2, dtype=torch.float64)
+    target = torch.tensor([[[1.0, 3.0], [5.0, 5.0]]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64)  # only patch 0 was removed
+    # plain: mean((0 - 1)^2, (0 - 3)^2) = 5 over the removed patch only
+    assert common.mae_loss(pred, target, mask, norm_pix=False).item() == pytest.approx(5.0)
+    # normalised: patch [1, 3] has mean 2 and unbiased var 2 -> [-1, 1] / sqrt(2 + 1e-6); mse = 1 / (2 + 1e-6)
+    assert common.mae_loss(pred, target, mask).item() == pytest.approx(1 / (2 + 1e-6))
+
+
+def test_contrastive_loss_by_hand():
+    eye = torch.eye(2, dtype=torch.float64)
+    # S = [[20, 0], [0, 20]]: each video's own audio wins: -log(e^20 / (e^20 + 1)) = log(1 + e^-20)
+    assert common.contrastive_loss(eye, eye).item() == pytest.approx(math.log1p(math.exp(-20)), rel=1e-6)
+    # both audios equal: each video column sees (20, 20) or (0, 0) -> log 2 either way
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    assert common.contrastive_loss(same, eye).item() == pytest.approx(math.log(2))
+
+
+def test_pretrain_losses_weights_and_decoder_keys():
+    torch.manual_seed(0)
+    model, decoder = CAVMAE("tiny"), common.CAVMAEDecoder("tiny")
+    losses = common.pretrain_losses(model, decoder, torch.randn(4, 128, 64), torch.randn(4, 3, 64, 64),
+                                    torch.Generator().manual_seed(0))
+    # L = 1.0 (L_mae_a + L_mae_v) + 0.01 L_c
+    expected = losses["mae_a"] + losses["mae_v"] + 0.01 * losses["contrastive"]
+    assert losses["loss"].item() == pytest.approx(expected.item())
+    # the published decoder's names (CAV-MAE's pre-trained checkpoint), none of them in the fine-tuned model
+    names = {k.split(".")[0] for k in decoder.state_dict()}
+    assert names == {"decoder_embed", "mask_token", "decoder_modality_a", "decoder_modality_v", "decoder_pos_embed_a",
+                     "decoder_pos_embed_v", "decoder_blocks", "decoder_norm", "decoder_pred_a", "decoder_pred_v"}
+    assert not names & {k.split(".")[0] for k in model.state_dict()}
+    assert decoder.decoder_pred_a.out_features == 16 * 16 and decoder.decoder_pred_v.out_features == 16 * 16 * 3
+
+
+def test_pretraining_keeps_position_embeddings_fixed_and_releases_them_after(tmp_path):
+    import data
+    import train
+    torch.manual_seed(0)
+    model = CAVMAE("tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = data.AVTensors({"audio": torch.randn(16, 128, 64), "video": torch.randn(16, 3, 64, 64),
+                         "label": torch.arange(16) % 10})
+    args = train.build_parser().parse_args(["--pretrain-epochs", "1", "--config", "tiny"])
+    train.pretrain(model, ds, args, "cpu", quiet=True)
+    after = model.state_dict()
+    assert torch.equal(before["pos_embed_a"], after["pos_embed_a"]) and torch.equal(before["pos_embed_v"], after["pos_embed_v"])
+    assert model.pos_embed_a.requires_grad and model.pos_embed_v.requires_grad  # trainable again for fine-tuning
+    assert not torch.equal(before["blocks_a.0.attn.qkv.weight"], after["blocks_a.0.attn.qkv.weight"])
+    assert torch.equal(before["mlp_head.1.weight"], after["mlp_head.1.weight"])  # the head is not pre-trained

@@ -50,25 +50,36 @@ def test_embedded_generation_is_deterministic_and_balanced():
     small = dict(data.EMBEDDED, n_train=40, n_val=20, n_test=30)
     a, b = data.generate_embedded(5, small), data.generate_embedded(5, small)
     for split in ("train", "val", "test"):
-        for k in ("wav", "frames", "label"):
+        for k in ("wav", "frames", "label", "size", "count", "material"):
             assert torch.equal(a[split][k], b[split][k])
     # 40 training clips over 10 classes: exactly 4 each
     assert torch.equal(torch.bincount(a["train"]["label"], minlength=10), torch.full((10,), 4))
     assert a["train"]["wav"].dtype == torch.int16 and a["train"]["wav"].shape == (40, 20800)
     assert a["train"]["frames"].dtype == torch.uint8 and a["train"]["frames"].shape == (40, 3, 64, 64)
+    assert set(a["train"]["count"].tolist()) <= {1, 2, 3, 4}
     assert not torch.equal(a["train"]["wav"][:20], a["val"]["wav"])
     # 20,800 samples at 16 kHz give 1 + (20800 - 400) // 160 = 128 fbank frames, no padding needed
     assert 1 + (20800 - 400) // 160 == 128
 
 
-def test_embedded_audio_pitch_encodes_the_class():
-    # class c's fundamental is 250 * 2^(0.32 c) Hz: the spectrum peak of class-9 clips lies higher
-    small = dict(data.EMBEDDED, jitter_audio=0.0)
+def test_embedded_pitch_is_the_class_register_lowered_by_size():
+    # f0 = 200 Hz * 2^(0.22 * register + 1.2 * (0.5 - size)); class 0 has register 0, class 7 register 9
     g = torch.Generator().manual_seed(0)
-    wav = data.synth_audio(torch.tensor([0, 9]), g, small)
-    peak = torch.fft.rfft(wav, dim=1).abs().argmax(1).float() * 16000 / wav.shape[1]  # Hz
-    assert abs(peak[0].item() - 250.0) < 2.0  # 250 * 2^0
-    assert abs(peak[1].item() - 250.0 * 2 ** (0.32 * 9)) < 2.0  # 250 * 2^2.88 = 1840.0 Hz
+    latents = {"size": torch.tensor([0.5, 0.5, 1.0]), "count": torch.tensor([1, 1, 1]),
+               "material": torch.tensor([0.5, 0.5, 0.5])}
+    wav = data.synth_audio(torch.tensor([0, 7, 7]), latents, g)
+    spectrum = torch.fft.rfft(wav, dim=1).abs()
+    spectrum[:, :65] = 0  # below 50 Hz: the pink-noise ambience, whose power grows as 1 / f
+    peak = spectrum.argmax(1).float() * 16000 / wav.shape[1]  # Hz, 0.77 Hz bins
+    assert abs(peak[0].item() - 200.0) < 2.0                      # 200 * 2^0
+    assert abs(peak[1].item() - 200.0 * 2 ** (0.22 * 9)) < 2.0    # 200 * 2^1.98 = 788.9 Hz
+    assert abs(peak[2].item() - 200.0 * 2 ** (1.98 - 0.6)) < 2.0  # size 1: 0.6 octave lower, 520.5 Hz
+
+
+def test_embedded_cache_name_changes_with_the_generator_settings():
+    assert data.embedded_id() == data.embedded_id(dict(data.EMBEDDED))
+    assert data.embedded_id() != data.embedded_id(dict(data.EMBEDDED, hue_jitter=0.07))
+    assert data.embedded_id().startswith(f"v{data.EMBEDDED_VERSION}-")
 
 
 def test_corrupted_test_split_changes_only_its_modality():

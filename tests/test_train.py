@@ -8,10 +8,12 @@ import train
 
 def test_source_training_saves_a_checkpoint_that_reproduces_its_metrics(tmp_path):
     out = tmp_path / "src.pt"
-    train.main(["--epochs", "2", "--out", str(out)])
+    train.main(["--pretrain-epochs", "1", "--epochs", "2", "--out", str(out)])
     model, meta = common.load_checkpoint(str(out))
     metrics = meta["metrics"]
-    assert set(metrics) == {"train_seconds", "multimodal", "audioonly", "videoonly"}
+    assert set(metrics) == {"train_seconds", "multimodal", "audioonly", "videoonly", "retrieval_pretrained",
+                            "retrieval_finetuned"}
+    assert meta["benchmark"] == data.embedded_id()
     # the saved clean test accuracies are what the saved weights give again
     again = train.evaluate(model, data.make_loader(data.embedded_split("test", model), 256, shuffle=False), "cpu")
     for mode in ("multimodal", "audioonly", "videoonly"):
@@ -96,7 +98,8 @@ def test_label_csv_not_0_to_k_minus_1_is_refused_by_train(tmp_path):
 
 def test_config_that_contradicts_the_checkpoint_is_refused_before_training(tmp_path):
     ckpt = tmp_path / "tiny.pt"
-    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=10), data="embedded", data_seed=0)
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=10), data="embedded", data_seed=0,
+                           benchmark=data.embedded_id())
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
         train.main(["--method", "cmpt", "--config", "base", "--checkpoint", str(ckpt), "--results", str(tmp_path / "r.json")])
@@ -106,7 +109,8 @@ def test_config_that_contradicts_the_checkpoint_is_refused_before_training(tmp_p
 
 def test_data_seed_mismatch_is_refused(tmp_path):
     ckpt = tmp_path / "seed0.pt"
-    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=10), data="embedded", data_seed=0)
+    common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=10), data="embedded", data_seed=0,
+                           benchmark=data.embedded_id())
     with pytest.raises(SystemExit) as e:
         train.main(["--method", "cmpt", "--checkpoint", str(ckpt), "--data-seed", "1", "--results", str(tmp_path / "r.json")])
     assert "trained on the embedded benchmark with --data-seed 0, not 1" in str(e.value)
