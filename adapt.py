@@ -610,11 +610,35 @@ def results_path(args, names):
         tag.append(f"bs{args.batch_size}")
     if "abpem" in names and args.no_cache:
         tag.append("nocache")
+    if args.hidden_lr_scale != 1.0:
+        tag.append(f"hiddenlr{args.hidden_lr_scale:g}")
     if args.data != "embedded":
         tag.append(f"read-{args.dataset}")
     elif args.data_seed != 0:
         tag.append(f"data{args.data_seed}")
     return os.path.join(train.RESULTS_DIR, "_".join(tag) + ".json")
+
+
+def scale_hidden_lr(adapter, factor):
+    """Diagnostic (muP, Yang et al. 2021): multiply the learning rate of the hidden weight MATRICES an
+    adapter updates (2-D parameters: the q, k, v projections READ and ABPEM adapt) by `factor`, leaving
+    vector-like parameters (LayerNorm affines, biases, prompt tokens) as they are. Adam moves every
+    weight by about lr per step whatever the width, so a matrix update changes a width-D layer's output
+    about D times more; the published model is 768 wide, ours 64: factor 768 / 64 = 12 gives our hidden
+    matrices the published model's relative update size. Done before any step, so no Adam state is lost;
+    the adapter's saved starting state is refreshed so reset() keeps the scaled groups."""
+    opt = adapter.optimizer
+    groups = []
+    for g in opt.param_groups:
+        settings = {k: v for k, v in g.items() if k != "params"}
+        vectors = [p for p in g["params"] if p.dim() != 2]
+        matrices = [p for p in g["params"] if p.dim() == 2]
+        groups += [{**settings, "params": vectors}] if vectors else []
+        groups += [{**settings, "params": matrices, "lr": g["lr"] * factor}] if matrices else []
+    opt.param_groups.clear()
+    for g in groups:
+        opt.add_param_group(g)
+    adapter.optimizer_state = copy.deepcopy(opt.state_dict())
 
 
 def run(args):
@@ -644,6 +668,10 @@ def run(args):
                           source_id="embedded" if args.data == "embedded" else os.path.abspath(source_json(args)),
                           source_batch=source_batch_fn(args, model, device))
     adapters = {n: Source(model) if n == "source" else m.setup(copy.deepcopy(model), ctx) for n, m in methods.items()}
+    if args.hidden_lr_scale != 1.0:
+        for n, adapter in adapters.items():
+            if n != "source":
+                scale_hidden_lr(adapter, args.hidden_lr_scale)
     # Source's forward at every other batch size in use: the time base of the methods that run at it
     extra_bs = sorted({b for b in bs.values()} - {bs["source"]})
 
@@ -780,6 +808,10 @@ def build_parser():
     p.add_argument("--no-cache", action="store_true",
                    help="ABPEM only: switch off the public code's feature cache of recent batches (default: on, as in "
                         "every released script)")
+    p.add_argument("--hidden-lr-scale", type=float, default=1.0,
+                   help="diagnostic: multiply the learning rate of the hidden weight matrices every method updates "
+                        "(READ's and ABPEM's q, k, v) by this; 12 = 768 / 64 is the muP width correction of the tiny "
+                        "model (default: 1, the papers' learning rates)")
     p.add_argument("--continual", action="store_true",
                    help="all corruption types in one stream, no reset between them (default: off, reset per type)")
     p.add_argument("--data", default="embedded", choices=["embedded", "read"],

@@ -219,10 +219,13 @@ def info_nce(z_a, z_v, tau):
 # ----------------------------------------------------------------------------------------------
 # Objective (Eq. 10)
 # ----------------------------------------------------------------------------------------------
+IICL_WEIGHT = 1.0  # diagnostic only: 0 switches IICL off (Eq. (10) has no weight, i.e. 1)
+
+
 def total_loss(l_pmgfa, l_cmer, l_iicl):
     """Eq. 10 with unit weights: scalars -> scalar."""
     # Eq. (10) L = L_PMGFA + L_CMER + L_IICL
-    return l_pmgfa + l_cmer + l_iicl
+    return l_pmgfa + l_cmer + IICL_WEIGHT * l_iicl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +297,22 @@ class PromptedCAVMAE(nn.Module):
         z_a = self.encode(bb.embed_audio(audio), "a")  # (B, N_a, D)
         z_v = self.encode(bb.embed_video(video), "v")  # (B, N_v, D)
         return bb.classify(bb.fuse(z_a, z_v))
+
+
+@torch.no_grad()
+def prompt_attention_share(model, video):
+    """Diagnostic: the share of the video tokens' attention that goes to the prompt tokens, averaged over
+    the video layers, heads and video query tokens. model: PromptedCAVMAE; video (B, 3, H, W) -> float."""
+    bb = model.backbone
+    x = bb.embed_video(video)  # (B, N_v, D)
+    n_p = model.prompts_v.shape[1]
+    shares = []
+    for i, blk in enumerate(bb.blocks_v):
+        x = torch.cat([model.prompts_v[i].expand(x.shape[0], -1, -1), x], dim=1)  # (B, N_p + N_v, D)
+        _, logits = blk.attn(blk.norm1(x), return_logits=True)  # (B, H, N_p + N_v, N_p + N_v)
+        shares.append(logits.softmax(dim=-1)[:, :, n_p:, :n_p].sum(dim=-1).mean())  # video queries -> prompt keys
+        x = blk(x)[:, n_p:]
+    return torch.stack(shares).mean().item()
 
 
 def collect_params(model):

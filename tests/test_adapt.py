@@ -286,3 +286,20 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_saved(tmp_path, monkeypatch):
                     "--results", str(out)])
     assert str(e.value) == f"interrupted: saved nothing; not saved: results {out} (no file is left half-written)."
     assert sorted(os.listdir(tmp_path)) == ["tiny10.pt"]
+
+
+# ---------------------------------------------------------------------------- muP diagnostic
+def test_hidden_lr_scale_multiplies_only_the_matrices_learning_rate(tiny_batch):
+    torch.manual_seed(0)
+    model = CAVMAE("tiny")
+    adapter = adapt.READ.setup(copy.deepcopy(model), None)
+    adapt.scale_hidden_lr(adapter, 12.0)
+    qkv = adapter.model.blocks_u[0].attn.qkv
+    w0, b0 = qkv.weight.detach().clone(), qkv.bias.detach().clone()
+    adapter(tiny_batch)
+    # Adam's first step moves each parameter by lr * m / (sqrt(v) + eps) = lr * g / (|g| + eps): lr where g != 0
+    dw, db = (qkv.weight - w0).abs(), (qkv.bias - b0).abs()
+    assert dw.max().item() == pytest.approx(12 * 1e-4, rel=1e-3)  # the matrix: 12 x 1e-4
+    assert db.max().item() == pytest.approx(1e-4, rel=1e-3)       # the bias (a vector): 1e-4 unchanged
+    adapter.reset()
+    assert torch.equal(qkv.weight, w0) and [g["lr"] for g in adapter.optimizer.param_groups] == [1e-4, 12 * 1e-4]

@@ -322,11 +322,16 @@ def test_exactly_the_prompt_modules_and_head_train_one_step_and_reset(variant):
     logits = learner(batch)
     assert logits.shape == (6, 10)
     after = model.state_dict()
+    params_by_name = dict(model.named_parameters())
     for k, v in before.items():
         if k in set(names):
-            assert not torch.equal(after[k], v), f"{k} did not change"
+            grad = params_by_name[k].grad
+            # a trainable tensor moves, unless its whole gradient is 0 (a gate's ReLU unit that no sample of
+            # this batch activates passes no gradient to its input weights)
+            assert not torch.equal(after[k], v) or (grad is not None and not grad.any()), f"{k} did not change"
         else:
             assert torch.equal(after[k], v), f"frozen {k} changed"  # backbone.*, memory_a, memory_v
+    assert sum(not torch.equal(after[k], before[k]) for k in names) >= len(names) - 4  # at most a few dead units
     learner.reset()
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v), f"reset() did not restore {k}"

@@ -430,7 +430,7 @@ def test_adapt_py_method_brimpr_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(brimpr.BriMPR, "forward", checked)
     avg, summary = adapt.main(args)
-    assert len(diffs) == 10 and max(diffs) < 1e-5  # 640 test clips in batches of 64
+    assert len(diffs) == 39 and max(diffs) < 1e-5  # 2,496 test clips in batches of 64
     res = json.loads((tmp_path / "r.json").read_text())
     for k in ("source", "brimpr"):
         assert 0.0 <= res["accuracy"]["gaussian_noise"][k]["mean"] <= 100.0
@@ -438,3 +438,19 @@ def test_adapt_py_method_brimpr_end_to_end(tmp_path, monkeypatch):
     assert res["batch_size"] == {"source": 64, "brimpr": 64} and res["time_ratio_to_source"]["brimpr"] > 1.0
     if "--checkpoint" in args:
         assert os.path.isfile(tmp_path / "embedded_tiny.brimpr_source_stats.pt")
+
+
+def test_prompt_attention_share_is_the_prompts_count_share_under_uniform_attention():
+    torch.manual_seed(0)
+    backbone = common.CAVMAE("tiny")
+    for blk in backbone.blocks_v:  # q = k = 0: every attention logit 0, every key gets 1 / (N_p + N_v)
+        blk.attn.qkv.weight.data.zero_()
+        blk.attn.qkv.bias.data.zero_()
+    model = brimpr.PromptedCAVMAE(backbone)
+    share = brimpr.prompt_attention_share(model, torch.randn(2, 3, 64, 64))
+    assert share == pytest.approx(10 / (10 + 16))  # 10 prompts, 16 video tokens
+
+
+def test_iicl_weight_zero_leaves_pmgfa_plus_cmer(monkeypatch):
+    monkeypatch.setattr(brimpr, "IICL_WEIGHT", 0.0)
+    assert brimpr.total_loss(torch.tensor(0.5), torch.tensor(0.25), torch.tensor(9.0)).item() == 0.75  # 0.5 + 0.25

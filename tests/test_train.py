@@ -69,8 +69,10 @@ def test_cmpt_runs_its_protocols_on_read_layout_data(tmp_path):
     train.main(read_method_argv(tmp_path, "cmpt") + ["--variants", "cmpt", "baseline", "--batch-size", "3"])
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     settings = [(r["protocol"], r["setting"]) for r in res]
-    assert settings[:7] == [("inference", f"audio {r}% missing") for r in (0, 10, 30, 50, 70, 90, 100)]
-    assert ("map", "missing-both 70%") in settings and len(settings) == 14 + 3
+    # the complete row once, then 6 rates per missing modality, then the 3 MAP settings
+    assert settings[:7] == [("inference", "complete (0% missing)")] + [("inference", f"audio {r}% missing")
+                                                                       for r in (10, 30, 50, 70, 90, 100)]
+    assert ("map", "missing-both 70%") in settings and len(settings) == 1 + 12 + 3
     for r in res:  # 6 test clips: every accuracy is a whole number of clips, k * 100 / 6
         for acc in r["accuracy"].values():
             assert len(acc) == 1 and abs(acc[0] * 6 / 100 - round(acc[0] * 6 / 100)) < 1e-9
