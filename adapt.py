@@ -291,8 +291,8 @@ class EATA(Episodic):
     are those the public code's comments cite; the Fisher equation's number is not verified.
 
     Deviations (`# DEVIATION:` below): no fp16 autocast / GradScaler; the Fisher clips are
-    ctx.source_batch(2000, seed 0) (the clean training clips BriMPR's statistics come from, the
-    embedded benchmark has 1,500 of them) cut into batches of 64 in order, computed at set-up and
+    ctx.source_batch(2000, seed 0) (2,000 of the clean training clips BriMPR's statistics come from)
+    cut into batches of 64 in order, computed at set-up and
     not cached to disk (the public code shuffles with python's global RNG and caches a pickle).
     Caution (arithmetic): for m near uniform, cos(p, m) >= 1 / sqrt(C) for every p (0.32 for C = 10,
     0.14 for C = 50), so with epsilon = 0.1 the redundancy filter rejects every sample then.

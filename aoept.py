@@ -58,7 +58,7 @@ Deviations (each is a `# DEVIATION:` line below; the public code is the referenc
      trains CLIP's final LayerNorms and projections; CAV-MAE has a head trained for this task,
      `mlp_head` (LayerNorm + Linear), so we fine-tune a copy of it (source-initialised); the
      unified block and its `norm` stay frozen.
-  4. K: the public script asks for K = 256 centres (capped at n); with ~450-1,500 samples at width
+  4. K: the public script asks for K = 256 centres (capped at n); with ~900-3,000 samples at width
      64 we use K = min(256, n // 8), at least 1.
   5. K-means: sklearn's KMeans (greedy k-means++, n_init 10, max_iter 300, tol 1e-4) becomes a torch
      Lloyd's K-means with plain k-means++ seeding and the same n_init / max_iter / tol rule; an

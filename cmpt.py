@@ -60,7 +60,7 @@ Deviations (each marked `# DEVIATION:` in the code):
      (Eq. 5 needs a proxy): they fuse CLS^_a + CLS^_v of the zero placeholder, i.e. the model is
      not told what is missing. A sample missing both modalities (never in the protocols) gives
      T = 0 under Eq. 5.
-  7. Optimisation for a 1,500-clip CPU benchmark: AdamW lr 1e-2, weight decay 0.02, batch 64,
+  7. Optimisation for a 3,000-clip CPU benchmark: AdamW lr 1e-2, weight decay 0.02, batch 64,
      4 epochs, one-cycle schedule (set by train.py); paper (AV): lr 5e-5, batch 4, 100 epochs,
      poly decay 0.9 with 5 warm-up epochs. Those would take hours on a CPU.
   8. No stop-gradient in Eq. 4 (the paper prints none): the class tokens also move, CLS^_v and

@@ -14,8 +14,9 @@ Audio and video go through ONE pre-processing path whatever their origin (`wav_t
 no dither) -> pad/cut to T frames -> (x + 5.081) / 4.4849; frames -> resize (bicubic) -> centre crop
 -> /255 -> ImageNet mean/std.
 
-The embedded benchmark (`embedded_splits`) is generated from a seed in a few seconds and cached in
-`.cache/` (see the README for its design). Its corruptions are the 15 video + 6 audio corruptions
+The embedded benchmark (`embedded_split`) is generated from a seed in about 20 s and cached in
+`.cache/` under its version id (`embedded_id`); each clip is one audio-visual event (see the section's
+comment and the README for its design and the properties tests/test_benchmark.py checks). Its corruptions are the 15 video + 6 audio corruptions
 of Kinetics50-C / VGGSound-C, applied to the raw frames / waveforms of the test split before
 pre-processing, exactly where READ applied them to the real clips.
 
@@ -23,7 +24,8 @@ Sections, in file order:
     The one pre-processing path            wav_to_fbank, frames_to_input
     A dataset of tensors and its batches   AVTensors, make_loader, to_device
     Corruptions of Kinetics50-C / VGGSound-C   corrupt_video, corrupt_audio, read_image, read_wav, write_wav
-    The embedded benchmark                 generate_embedded, embedded_raw, embedded_split
+    The embedded benchmark                 EMBEDDED, synth_frames, synth_audio, generate_embedded, embedded_raw,
+                                           embedded_split
     The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, read_layout_split
     Missing modalities                     missing_masks, with_missing
     Making a corrupted set in READ's layout   make_corrupted_set, main (`python data.py corrupt --help`)
