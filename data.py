@@ -997,20 +997,13 @@ def draw_latents(labels, g, cfg=EMBEDDED):
             "material": torch.rand(n, generator=g)}
 
 
-def _one_over_f(n, size, g, exponent, orientation=None, kappa=0.0):
-    """n noise fields (n, size, size) with amplitude spectrum ~ 1 / f^exponent, optionally stronger
-    along `orientation` (n,) radians (a von Mises weight exp(kappa (cos 2(phi - orientation) - 1)))."""
+def _one_over_f(n, size, g, exponent):
+    """n zero-mean, unit-std noise fields (n, size, size) with amplitude spectrum ~ 1 / f^exponent."""
     fy = torch.fft.fftfreq(size)[:, None]
     fx = torch.fft.rfftfreq(size)[None, :]
-    f = (fx ** 2 + fy ** 2).sqrt().clamp_min(1.0 / size)                    # (S, S/2 + 1) cycles/px
-    amp = f ** -exponent
+    amp = (fx ** 2 + fy ** 2).sqrt().clamp_min(1.0 / size) ** -exponent       # (S, S/2 + 1), f in cycles/px
     amp[0, 0] = 0.0                                                           # zero mean
-    if orientation is not None:
-        # the texture's stripes run along `orientation`: its energy lies across it
-        phi = torch.atan2(fy, fx)[None]                                       # (1, S, S/2 + 1)
-        amp = amp * torch.exp(kappa * (torch.cos(2 * (phi - orientation[:, None, None] - math.pi / 2)) - 1))
-    spectrum = torch.fft.rfft2(torch.randn(n, size, size, generator=g)) * amp
-    field = torch.fft.irfft2(spectrum, s=(size, size))
+    field = torch.fft.irfft2(torch.fft.rfft2(torch.randn(n, size, size, generator=g)) * amp, s=(size, size))
     return (field - field.mean((1, 2), keepdim=True)) / field.std((1, 2), keepdim=True)
 
 
