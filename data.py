@@ -932,13 +932,14 @@ def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_r
 # The class is carried by several cues in each modality, each ambiguous on its own (cues shared by
 # different pairs of classes, plus jitter), as in a real scene where the object, its colour and
 # the context all say something:
-#   video  object hue (10 hues, jittered), object shape (5 shapes, classes c and c + 5 share one),
-#          the orientation of the background texture (5 orientations, classes 2j and 2j + 1 share
-#          one), visible at every scale because the texture is 1/f noise;
+#   video  object hue (10 hues, jittered) and object shape (5 shapes, classes c and c + 5 share
+#          one), both visible at coarse scales, and a fine background grain (period 3-4.5 px) along
+#          one of 5 orientations (classes 2j and 2j + 1 share one), a detail that blur, noise and
+#          pixelation remove;
 #   audio  the partial frequency ratios of the struck resonator (5 kinds: harmonic, odd,
 #          bar, membrane, stretched; shared by pairs of classes), its decay time (3 lengths),
 #          and a pitch register that overlaps with its neighbours once the size is applied.
-# Frames are 1/f images (natural-image amplitude spectrum) with soft-edged shaded objects; sounds
+# Frames are 1/f scenes (natural-image amplitude spectrum) with soft-edged shaded objects; sounds
 # are impacts (2 ms attack, exponential decays, higher partials dying faster, a noise transient)
 # over a pink-noise ambience.
 EMBEDDED = dict(
@@ -1022,7 +1023,7 @@ def _oriented_band(n, size, g, orientation, period, kappa=4.0, bandwidth=0.35):
 
 
 def synth_frames(labels, latents, g, cfg=EMBEDDED):
-    """One frame per clip: a 1/f background textured along the class orientation, with `count`
+    """One frame per clip: a 1/f scene with a fine grain along the class orientation, and `count`
     soft-edged, shaded objects of the class shape and hue, radius set by `size`, lightness by
     `material`. labels (N,) -> uint8 (N, 3, S, S)."""
     n, S, K = len(labels), cfg["frame_size"], cfg["max_count"]
