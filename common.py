@@ -434,9 +434,10 @@ def save_checkpoint(path, model, **meta):
                  "state_dict": model.state_dict(), **meta}, path)
 
 
-def load_state_dict_strict(model, state_dict, source="checkpoint"):
+def load_state_dict_strict(model, state_dict, source="checkpoint",
+                           hint="Check --config and that the file is a CAV-MAE fine-tuned checkpoint."):
     """Strip `module.` (DataParallel), then load strictly; on any mismatch raise CheckpointError
-    naming the missing, unexpected and wrongly-shaped keys."""
+    naming the missing, unexpected and wrongly-shaped keys, followed by `hint` (what to do)."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -447,11 +448,17 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
         def show(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
         raise CheckpointError(
-            f"{source} does not fit CAVMAE(config={model.config!r}, num_classes={model.num_classes}): "
+            f"{source} does not fit {model_name(model)}: "
             f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
-            f"wrong shapes: {show(shapes)}. Check --config and that the file is a CAV-MAE fine-tuned checkpoint.")
+            f"wrong shapes: {show(shapes)}. {hint}")
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def model_name(model):
+    """'CAVMAE(config='tiny', num_classes=10)': the model class with the settings that fix its keys."""
+    settings = [f"config={model.config!r}"] + ([f"num_classes={model.num_classes}"] if hasattr(model, "num_classes") else [])
+    return f"{type(model).__name__}({', '.join(settings)})"
 
 
 def load_checkpoint(path, config=None, device="cpu"):
