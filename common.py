@@ -29,13 +29,17 @@ raw attention logits for ABPEM), `fuse_single` (one modality through the unified
 Dimension key: B batch, N tokens, D width, H heads, K classes, L modality-specific layers.
 """
 import json
+import math
 import os
 import random
 import uuid
+import zipfile
+from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # Width, depth and input sizes of the two configurations. `base` is CAV-MAE as published.
 CONFIGS = {
@@ -255,6 +259,269 @@ def keep_tokens(x, keep, generator=None):
     noise = torch.rand(B, N, generator=generator, device="cpu").to(x.device)  # (B, N)
     idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep) distinct token indices
     return x.gather(1, idx.unsqueeze(-1).expand(B, keep, D))
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLIP dual encoder (image-text): OpenAI CLIP ViT-B/16 and a tiny configuration
+# ----------------------------------------------------------------------------------------------
+# CLIP (Radford et al., ICML 2021, arXiv 2103.00020, code openai/CLIP), written here from its
+# description so that `base` loads the published ViT-B/16 weights key for key:
+#
+#   image (B, 3, S, S) --visual.conv1 (patch p, no bias)--> (B, N, D_v), N = (S / p)^2
+#       [class_embedding ; patches] + positional_embedding -> ln_pre       (B, 1 + N, D_v)
+#       visual.transformer (L_v residual blocks) -> ln_post(class token) @ proj   (B, E)
+#   text ids (B, C) --token_embedding--> + positional_embedding            (B, C, D_t)
+#       transformer (L_t residual blocks, causal mask) -> ln_final(end-of-text token) @ text_projection  (B, E)
+#   logits_per_image = exp(logit_scale) * cos(image_i, text_j)            (B, B)
+#
+# A residual block is pre-LN: x + attn(ln_1(x)), then x + mlp(ln_2(x)), with an MLP c_fc -> QuickGELU ->
+# c_proj and an attention whose q, k, v come from ONE fused projection (`attn.in_proj_weight`
+# (3 D, D), rows [q; k; v], the layout of nn.MultiheadAttention). The end-of-text token has the
+# largest id of the vocabulary, so its position is `text.argmax(-1)`, as in CLIP.
+#
+# The pieces are plain methods so the method files can put their own tokens in between:
+# `image_tokens` / `text_tokens` (embeddings, Eq. 1 of CMPT), `run_blocks` (a tower's blocks, each
+# block's output on request; AOEPT replaces its prompts between blocks), `causal_mask`,
+# `pool_image` / `pool_text` (the class / end-of-text token after the last block -> joint space).
+CLIP_CONFIGS = {
+    # OpenAI CLIP ViT-B/16: 149,620,737 parameters
+    "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                 embed_dim=512, context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8),
+    # for this CPU: 48 x 48 images in 36 patches of 8 x 8, texts of at most 40 tokens; the vocabulary
+    # is the embedded benchmark's (data.IT_VOCAB), set when the model is built
+    "tiny": dict(image_size=48, patch_size=8, vision_width=64, vision_layers=4, vision_heads=4,
+                 embed_dim=64, context_length=40, vocab_size=None, text_width=64, text_layers=4, text_heads=4),
+}
+CLIP_INIT_TEMPERATURE = 0.07  # CLIP: logit_scale starts at ln(1 / 0.07)
+CLIP_MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
+CLIP_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")  # entries of the TorchScript archive
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation: x * sigmoid(1.702 x)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class FusedQKVAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameters: in_proj_weight (3 D, D) holding
+    the q, k, v projections as row blocks, in_proj_bias (3 D,), out_proj (D -> D). A method that adapts
+    q, k or v (CMPT's LoRA) overrides `project_qkv`."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def project_qkv(self, x):
+        """x (B, N, D) -> [q | k | v] (B, N, 3 D)."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
+    def forward(self, x, attn_mask=None):
+        """x (B, N, D) -> (B, N, D). attn_mask: (N, N) added to the logits (-inf = not attended)."""
+        B, N, D = x.shape
+        q, k, v = self.project_qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * (D // self.num_heads) ** -0.5     # (B, H, N, N), rows = queries
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, D)
+        return self.out_proj(out)
+
+
+class ResidualBlock(nn.Module):
+    """CLIP's pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)), mlp = c_fc -> QuickGELU -> c_proj."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.attn = FusedQKVAttention(dim, num_heads)
+        self.ln_1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(dim, 4 * dim), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(4 * dim, dim)))
+        self.ln_2 = nn.LayerNorm(dim)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks (`resblocks`, the published key names)."""
+
+    def __init__(self, dim, layers, num_heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualBlock(dim, num_heads) for _ in range(layers)])
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's image tower (`visual.*`): patch conv, class embedding, positions, ln_pre, blocks, ln_post, proj."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+
+
+class CLIP(nn.Module):
+    """CLIP dual encoder. `CLIP('base')` has the keys and shapes of OpenAI's ViT-B/16 state dict."""
+
+    def __init__(self, config="tiny", vocab_size=None):
+        super().__init__()
+        if config not in CLIP_CONFIGS:
+            raise ValueError(f"unknown CLIP configuration {config!r}; choose one of {sorted(CLIP_CONFIGS)}")
+        c = dict(CLIP_CONFIGS[config])
+        c["vocab_size"] = vocab_size or c["vocab_size"]
+        if not c["vocab_size"]:
+            raise ValueError(f"CLIP({config!r}) needs vocab_size (the tokenizer's vocabulary size)")
+        self.config, self.vocab_size = config, c["vocab_size"]
+        self.image_size, self.context_length, self.embed_dim = c["image_size"], c["context_length"], c["embed_dim"]
+        self.visual = VisionTransformer(c["image_size"], c["patch_size"], c["vision_width"], c["vision_layers"],
+                                        c["vision_heads"], c["embed_dim"])
+        self.transformer = Transformer(c["text_width"], c["text_layers"], c["text_heads"])
+        self.token_embedding = nn.Embedding(c["vocab_size"], c["text_width"])
+        self.positional_embedding = nn.Parameter(torch.empty(c["context_length"], c["text_width"]))
+        self.ln_final = nn.LayerNorm(c["text_width"])
+        self.text_projection = nn.Parameter(torch.empty(c["text_width"], c["embed_dim"]))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / CLIP_INIT_TEMPERATURE)))
+        self._init_weights(c)
+
+    def _init_weights(self, c):
+        # CLIP's initialize_parameters: token N(0, 0.02), text positions N(0, 0.01); per block, q/k/v
+        # N(0, width^-1/2), out_proj and c_proj N(0, width^-1/2 (2 L)^-1/2), c_fc N(0, (2 width)^-1/2);
+        # text_projection N(0, width^-1/2). The image tower's vectors are drawn in its constructor.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower, width, layers in ((self.transformer, c["text_width"], c["text_layers"]),
+                                     (self.visual.transformer, c["vision_width"], c["vision_layers"])):
+            for blk in tower.resblocks:
+                nn.init.normal_(blk.attn.in_proj_weight, std=width ** -0.5)
+                nn.init.normal_(blk.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+                nn.init.zeros_(blk.attn.out_proj.bias)
+                nn.init.normal_(blk.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(blk.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+        nn.init.normal_(self.text_projection, std=c["text_width"] ** -0.5)
+
+    # -- tokens -------------------------------------------------------------------------------
+    def image_tokens(self, image):
+        """image (B, 3, S, S) -> [class; patches] + positions, after ln_pre: (B, 1 + N, D_v)."""
+        v = self.visual
+        x = v.conv1(image).flatten(2).transpose(1, 2)                         # (B, N, D_v), row-major patches
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)         # (B, 1, D_v)
+        return v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding)
+
+    def text_tokens(self, text):
+        """ids (B, C), C <= context_length -> token + position embeddings (B, C, D_t)."""
+        return self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
+
+    @staticmethod
+    def causal_mask(n, device=None, dtype=torch.float32):
+        """(n, n) additive mask: 0 on and below the diagonal, -inf above (token i sees tokens 0..i)."""
+        return torch.full((n, n), float("-inf"), device=device, dtype=dtype).triu(1)
+
+    @staticmethod
+    def run_blocks(blocks, x, attn_mask=None, return_all=False):
+        """Run a tower's blocks on x (B, N, D). return_all: also the list of every block's output."""
+        outs = []
+        for blk in blocks:
+            x = blk(x, attn_mask)
+            outs.append(x)
+        return (x, outs) if return_all else x
+
+    # -- pooling into the joint space ----------------------------------------------------------
+    def pool_image(self, x):
+        """Image tokens after the last block (B, 1 + N, D_v) -> ln_post(class token) @ proj (B, E)."""
+        return self.visual.ln_post(x[:, 0]) @ self.visual.proj
+
+    def pool_text(self, x, eot_index):
+        """Text tokens after the last block (B, C, D_t), end-of-text positions (B,) -> (B, E)."""
+        return self.ln_final(x[torch.arange(len(x), device=x.device), eot_index]) @ self.text_projection
+
+    # -- the two towers and CLIP's similarity --------------------------------------------------
+    def encode_image(self, image):
+        """image (B, 3, S, S) -> image embedding (B, E)."""
+        return self.pool_image(self.run_blocks(self.visual.transformer.resblocks, self.image_tokens(image)))
+
+    def encode_text(self, text):
+        """ids (B, C) -> text embedding (B, E), pooled at the end-of-text token (the largest id)."""
+        eot = text.argmax(dim=-1)                                              # (B,)
+        # the padding after the last end-of-text token changes nothing before it (causal mask): drop it
+        x = self.text_tokens(text[:, : int(eot.max()) + 1])                    # (B, C', D_t)
+        x = self.run_blocks(self.transformer.resblocks, x, self.causal_mask(x.shape[1], x.device, x.dtype))
+        return self.pool_text(x, eot)
+
+    def forward(self, image, text):
+        """-> logits_per_image (B, B): exp(logit_scale) x cosine of image i and text j."""
+        img = F.normalize(self.encode_image(image), dim=-1)
+        txt = F.normalize(self.encode_text(text), dim=-1)
+        return self.logit_scale.exp().clamp(max=CLIP_MAX_LOGIT_SCALE) * img @ txt.t()
+
+
+def clip_loss(logits_per_image):
+    """CLIP's symmetric InfoNCE: image i picks text i among the batch and text i picks image i,
+    (CE(logits, arange) + CE(logits^T, arange)) / 2. logits_per_image (B, B) -> scalar."""
+    target = torch.arange(len(logits_per_image), device=logits_per_image.device)
+    return 0.5 * (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image.t(), target))
+
+
+def read_clip_state_dict(path):
+    """The weights in a CLIP file: OpenAI's TorchScript archive (`ViT-B-16.pt`, fp16), a plain state dict,
+    or a checkpoint written by train.py ({'config', 'state_dict', ...}). -> (state dict in float32, meta)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"--checkpoint {path} is a folder, not a CLIP weights file; pass the .pt file inside it.")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"CLIP weights file {path} does not exist; pass OpenAI's ViT-B-16.pt or a file "
+                              f"written by `python train.py --data food` with --checkpoint.")
+    meta = {}
+    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        try:  # a TorchScript archive, as OpenAI publishes the CLIP models
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:
+            raise CheckpointError(f"{path} looks like a TorchScript archive but torch.jit.load cannot read it ({e}); "
+                                  f"download it again.") from None
+    else:
+        obj = _read_checkpoint(path)
+        if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
+            meta, sd = {k: v for k, v in obj.items() if k != "state_dict"}, obj["state_dict"]
+        else:
+            sd = obj
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a CLIP state dict (a dict of tensors) nor a checkpoint written by train.py.")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in CLIP_NON_WEIGHTS}
+    return sd, meta
+
+
+def load_clip(path, config=None, device="cpu"):
+    """A CLIP model from `path` (see read_clip_state_dict), loaded strictly: a file that does not fit is
+    refused naming its missing, unexpected and wrongly-shaped keys. A file without our metadata is taken
+    as `config` ('base' unless given); the vocabulary size is read from token_embedding.weight.
+    Returns (model in eval mode on `device`, metadata dict)."""
+    sd, meta = read_clip_state_dict(path)
+    if meta and config and config != meta["config"]:
+        raise CheckpointError(f"{path} holds a {meta['config']!r} CLIP model but --config {config} was given; drop "
+                              f"--config (our checkpoints carry their own) or pass --config {meta['config']}.")
+    cfg = meta.get("config") or config or "base"
+    if cfg not in CLIP_CONFIGS:
+        raise CheckpointError(f"{path} names the CLIP configuration {cfg!r}, which this code does not know "
+                              f"({', '.join(CLIP_CONFIGS)}); was it written by another version?")
+    emb = sd.get("token_embedding.weight")
+    model = CLIP(cfg, vocab_size=emb.shape[0] if emb is not None and emb.dim() == 2 else None)
+    load_state_dict_strict(model, sd, source=path, hint="Check --config and that the file is a CLIP ViT checkpoint "
+                                                         "(OpenAI's ViT-B-16.pt for --config base).")
+    meta.update(config=cfg, vocab_size=model.vocab_size)
+    return model.to(device).eval(), meta
+
+
+def save_clip(path, model, **meta):
+    """Save {'config', 'vocab_size', 'state_dict', **meta}, whole or not at all."""
+    atomic_save({"config": model.config, "vocab_size": model.vocab_size, "state_dict": model.state_dict(), **meta}, path)
 
 
 # ----------------------------------------------------------------------------------------------

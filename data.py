@@ -1191,6 +1191,307 @@ _CLEAN = {}  # clean pre-processed inputs of the embedded benchmark, per (modali
 
 
 # ----------------------------------------------------------------------------------------------
+# The embedded image-text benchmark: food (Food-101-like), imdb (MM-IMDb-like), memes (Hateful-Memes-like)
+# ----------------------------------------------------------------------------------------------
+# One small visual world shared by the three tasks, as one CLIP is shared by the three datasets.
+# A picture is a 1/f scene (natural-image amplitude spectrum, as the audio-visual frames) with `count`
+# soft-edged, shaded objects. Every picture has four PER-SAMPLE attributes that its text names too, so
+# that text and image correspond per sample and not only per class (what CLIP's objective learns):
+#   count 1..4 ("two"), colour of 8 named hues ("red"), size of 3 ("small"), region of 4 ("on the left").
+# Class evidence sits at several scales: the objects' outline (5 shapes, coarse), a fine inner pattern
+# (solid, stripes at 0 or 60 degrees, dots; period 3 px, finer than a patch) and the scene's tint
+# (context). A motif = (shape, pattern): 20 of them.
+#   food   20 dishes in 4 groups of 5; dish c is drawn with motif c and the tint of its group. Its title
+#          names the dish by one of 2 synonyms with probability 0.8, otherwise only the group
+#          ("dessert"), so the text is strong but not perfect and the picture settles the rest.
+#   imdb   12 genres of unequal frequency (0.45 .. 0.03, at least one per film); each figure of the
+#          poster shows the motif of one of the film's genres (motif 1 + g) with probability 0.6, else
+#          a plain figure (motif 0, no genre); dark genres darken the poster. The plot names each genre
+#          by one of 3 cue words with probability 0.75 and, with probability 0.04, a cue word of a
+#          genre the film does not have; plots are long (15-40 words) and the tokenizer keeps 40 tokens.
+#   memes  the label comes from the pairing: a text's hostility h_t in {-2 .. 2} (its tone words) and
+#          the pictured subject (6 motifs; 3 of them are "targets", h_i = +1, the others h_i = -1):
+#          hateful = [h_t + h_i > 0.5], 10% of labels flipped. Half the samples are confounders of the
+#          other half, as in Hateful Memes: the same text with another picture, or the same picture with
+#          another text, chosen to flip the label where the other side allows it.
+# The texts never name a meme's subject (it would give the label away) and always leave some
+# attributes out (each named with probability 0.8), with noise words at random places.
+IT_TASKS = {  # task -> what the papers' table reports on the dataset it stands for
+    "food": dict(kind="single", metric="accuracy", num_classes=20, like="UPMC Food-101"),
+    "imdb": dict(kind="multilabel", metric="f1_macro", num_classes=12, like="MM-IMDb"),
+    "memes": dict(kind="binary", metric="auroc", num_classes=2, like="Hateful Memes"),
+}
+IT_EMBEDDED = dict(
+    n_train=2000, n_val=200, n_test=1024,  # per task; 1,024 test samples = 16 batches of 64
+    image_size=48, max_count=4,
+    size_px=(3.5, 5.5, 7.5),  # object radius (px of a 48 x 48 picture) of small / medium / large
+    pattern_period=3.0, pattern_contrast=0.45,  # the fine inner pattern
+    shape_jitter=0.35,  # relative std of a shape's modulation depth
+    p_mention=0.8,  # each per-sample attribute is named with this probability
+    food_p_dish=0.8,  # a food title names the dish (else only its group)
+    imdb_genre_freq=(0.45, 0.33, 0.25, 0.2, 0.16, 0.13, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03),
+    imdb_p_motif=0.6, imdb_p_cue=0.75, imdb_p_false_cue=0.04, imdb_words=(15, 40),
+    memes_flip=0.1,
+)
+IT_COLOURS = (("red", 0.0), ("orange", 0.08), ("yellow", 0.15), ("green", 0.33), ("cyan", 0.5), ("blue", 0.62),
+              ("purple", 0.75), ("pink", 0.88))
+IT_COUNTS = (("one", "a", "single"), ("two", "pair"), ("three",), ("four",))  # count 1..4
+IT_SIZES = (("small", "tiny"), ("medium",), ("big", "large"))
+IT_REGIONS = ("left", "right", "top", "bottom")
+IT_SHAPES = ((0, 0.0), (3, 0.3), (4, 0.22), (5, 0.42), (2, 0.4))  # radius(theta) = 1 + a cos(m theta): (m, a)
+FOOD_GROUPS = ("dessert", "soup", "salad", "snack")
+FOOD_DISHES = (("cake", "gateau"), ("pie", "tart"), ("pudding", "custard"), ("cookies", "biscuits"), ("donuts", "crullers"),
+               ("ramen", "noodles"), ("chowder", "bisque"), ("pho", "broth"), ("gazpacho", "borscht"), ("miso", "dashi"),
+               ("caesar", "romaine"), ("coleslaw", "slaw"), ("tabbouleh", "bulgur"), ("caprese", "mozzarella"), ("nicoise", "tuna"),
+               ("nachos", "tortilla"), ("fries", "chips"), ("pretzel", "twist"), ("samosa", "pakora"), ("dumplings", "gyoza"))
+FOOD_TINT = (0.05, 0.55, 0.3, 0.8)  # hue of each group's scene tint
+IMDB_GENRES = ("drama", "comedy", "romance", "thriller", "crime", "action", "horror", "documentary", "scifi",
+               "family", "war", "western")
+IMDB_CUES = (("grief", "family", "struggle"), ("hilarious", "funny", "laughs"), ("love", "falls", "heart"),
+             ("suspense", "danger", "chase"), ("murder", "detective", "police"), ("fight", "explosive", "battle"),
+             ("ghost", "terror", "haunted"), ("interviews", "footage", "true"), ("alien", "spaceship", "future"),
+             ("kids", "parents", "holiday"), ("soldiers", "army", "front"), ("cowboy", "sheriff", "desert"))
+IMDB_DARK = (3, 4, 6, 10)  # thriller, crime, horror, war: darker posters
+MEMES_TONE = (("lovely", "kind", "sweet"), ("nice", "fine", "okay"), ("weird", "odd", "strange"),
+              ("stupid", "ugly", "gross"), ("vile", "disgusting", "filthy"))  # hostility -2 .. 2
+MEMES_SUBJECTS = (1, 6, 11, 16, 3, 13)  # motifs of the 6 subjects; the first 3 are targets
+IT_NOISE = ("the", "with", "and", "of", "best", "easy", "homemade", "recipe", "photo", "look", "this", "is", "so",
+            "when", "you", "my", "today", "story", "new", "really", "just", "about", "in", "a", "life", "world",
+            "young", "man", "woman", "town", "after", "meets", "must", "their", "his", "her")
+IT_VERSION = 1  # bump when the generator changes; the cache name also carries a hash of the settings
+
+
+def it_vocab():
+    """Every word the generator can write, in a fixed order (the embedded tokenizer's vocabulary)."""
+    words = [w for ws in IT_COUNTS + IT_SIZES for w in ws] + [c for c, _ in IT_COLOURS] + list(IT_REGIONS) \
+        + ["on", "at", "objects"] + list(FOOD_GROUPS) + [w for ws in FOOD_DISHES for w in ws] \
+        + [w for ws in IMDB_CUES for w in ws] + [w for ws in MEMES_TONE for w in ws] + list(IT_NOISE)
+    return tuple(dict.fromkeys(words))  # unique, first occurrence kept
+
+
+def it_embedded_id(cfg=IT_EMBEDDED):
+    """Version + hash of every setting and word table: caches and checkpoints carry it."""
+    text = json.dumps([IT_VERSION, cfg, IT_TASKS, IT_COLOURS, IT_COUNTS, IT_SIZES, IT_REGIONS, IT_SHAPES, FOOD_GROUPS,
+                       FOOD_DISHES, FOOD_TINT, IMDB_GENRES, IMDB_CUES, IMDB_DARK, MEMES_TONE, MEMES_SUBJECTS, IT_NOISE],
+                      sort_keys=True)
+    return f"it{IT_VERSION}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def draw_attributes(n, g, cfg=IT_EMBEDDED):
+    """The per-sample attributes a picture shows and its text names: count (N,) 1..4, colour (N,) 0..7,
+    size (N,) 0..2, region (N,) 0..3."""
+    return {"count": torch.randint(1, cfg["max_count"] + 1, (n,), generator=g),
+            "colour": torch.randint(0, len(IT_COLOURS), (n,), generator=g),
+            "size": torch.randint(0, len(IT_SIZES), (n,), generator=g),
+            "region": torch.randint(0, len(IT_REGIONS), (n,), generator=g)}
+
+
+def render_pictures(attrs, motif, tint, g, cfg=IT_EMBEDDED):
+    """Pictures of `count` objects. motif (N, K) long in 0..19 (object j's shape = motif // 4, pattern =
+    motif % 4); tint (N,) the scene's hue, or NaN for a random one; attrs from draw_attributes (a 'dark'
+    entry (N,) bool darkens the scene). -> uint8 (N, 3, S, S)."""
+    n, S, K = len(motif), cfg["image_size"], cfg["max_count"]
+    scene = _one_over_f(n, S, g, 1.0)                                          # (N, S, S)
+    light = _one_over_f(n, S, g, 1.2)
+    hue1 = torch.where(tint.isnan(), torch.rand(n, generator=g), tint + 0.04 * torch.randn(n, generator=g)) % 1.0
+    dark = attrs.get("dark", torch.zeros(n, dtype=torch.bool)).float()
+    c1 = _hsv_to_rgb(hue1, 0.3 + 0.15 * torch.rand(n, generator=g), (0.35 + 0.25 * torch.rand(n, generator=g)) * (1 - 0.55 * dark))
+    c2 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.2 * torch.rand(n, generator=g), (0.55 + 0.3 * torch.rand(n, generator=g)) * (1 - 0.55 * dark))
+    mix = torch.sigmoid(2.5 * scene)[:, None]
+    img = (c1[:, :, None, None] * (1 - mix) + c2[:, :, None, None] * mix) * (1 + 0.2 * light[:, None])  # (N, 3, S, S)
+    # objects: centres inside the named region (a half of the picture), radius from the size, colour named
+    radius = torch.tensor(cfg["size_px"])[attrs["size"]][:, None] * (0.9 + 0.2 * torch.rand(n, K, generator=g))  # (N, K)
+    u, v = 0.14 + 0.72 * torch.rand(2, n, K, generator=g)                      # along / across the half
+    across = 0.12 + 0.3 * v                                                    # fraction of S from the region's edge
+    region = attrs["region"][:, None].expand(n, K)
+    cx = torch.where(region == 0, across, torch.where(region == 1, 1 - across, u)) * S
+    cy = torch.where(region == 2, across, torch.where(region == 3, 1 - across, u)) * S
+    turn = 2 * math.pi * torch.rand(n, K, generator=g)
+    shape = motif // 4
+    m = torch.tensor([s[0] for s in IT_SHAPES], dtype=torch.float)[shape]     # (N, K)
+    a = torch.tensor([s[1] for s in IT_SHAPES])[shape] * (1 + cfg["shape_jitter"] * torch.randn(n, K, generator=g)).clamp(0.3, 1.7)
+    hue = (torch.tensor([h for _, h in IT_COLOURS])[attrs["colour"]] + 0.02 * torch.randn(n, generator=g)) % 1.0
+    colour = _hsv_to_rgb(hue, 0.75 + 0.2 * torch.rand(n, generator=g), 0.75 + 0.2 * torch.rand(n, generator=g))  # (N, 3)
+    yy, xx = torch.meshgrid(torch.arange(S).float() + 0.5, torch.arange(S).float() + 0.5, indexing="ij")
+    w = 2 * math.pi / cfg["pattern_period"]
+    waves = (torch.cos(w * yy), torch.cos(w * (xx * math.sin(math.pi / 3) + yy * math.cos(math.pi / 3))))
+    patterns = torch.stack([torch.zeros(S, S), waves[0], waves[1], torch.cos(w * xx) * torch.cos(w * yy)])  # (4, S, S)
+    for j in range(K):  # painter's order; slot j is drawn only when count > j
+        dy, dx = yy - cy[:, j, None, None], xx - cx[:, j, None, None]          # (N, S, S)
+        rho, theta = (dx ** 2 + dy ** 2).sqrt(), torch.atan2(dy, dx)
+        edge = radius[:, j, None, None] * (1 + a[:, j, None, None] * torch.cos(m[:, j, None, None] * (theta - turn[:, j, None, None])))
+        alpha = torch.sigmoid((edge - rho) / 0.5) * (attrs["count"] > j).float()[:, None, None]
+        shade = (1.0 - 0.25 * (dy + dx) / (2 * radius[:, j, None, None])).clamp(0.6, 1.3)
+        texture = 1 + cfg["pattern_contrast"] * patterns[motif[:, j] % 4]      # (N, S, S)
+        obj = colour[:, :, None, None] * (shade * texture)[:, None]
+        img = img * (1 - alpha[:, None]) + obj * alpha[:, None]
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _pick(options, rng):
+    return options[rng.integers(len(options))]
+
+
+def describe(attrs, i, rng, p_mention):
+    """The words naming sample i's attributes, each named with probability p_mention, in a fixed order:
+    [count] [size] [colour] objects [on the region]."""
+    words = []
+    if rng.random() < p_mention:
+        words.append(_pick(IT_COUNTS[attrs["count"][i] - 1], rng))
+    if rng.random() < p_mention:
+        words.append(_pick(IT_SIZES[attrs["size"][i]], rng))
+    if rng.random() < p_mention:
+        words.append(IT_COLOURS[attrs["colour"][i]][0])
+    words.append("objects")
+    if rng.random() < p_mention:
+        words += ["on", IT_REGIONS[attrs["region"][i]]]
+    return words
+
+
+def add_noise_words(words, rng, k):
+    """Insert k noise words at random places."""
+    for _ in range(k):
+        words.insert(int(rng.integers(len(words) + 1)), _pick(IT_NOISE, rng))
+    return words
+
+
+def _food(n, g, rng, cfg):
+    label = (torch.arange(n) % 20)[torch.randperm(n, generator=g)]
+    attrs = draw_attributes(n, g, cfg)
+    motif = label[:, None].expand(n, cfg["max_count"])
+    images = render_pictures(attrs, motif, torch.tensor(FOOD_TINT)[label // 5], g, cfg)
+    a, texts = {k: v.tolist() for k, v in attrs.items()}, []
+    for i, c in enumerate(label.tolist()):
+        name = _pick(FOOD_DISHES[c], rng) if rng.random() < cfg["food_p_dish"] else FOOD_GROUPS[c // 5]
+        words = describe(a, i, rng, cfg["p_mention"])
+        words[words.index("objects")] = name  # "two big red cake on the left"
+        texts.append(" ".join(add_noise_words(words, rng, int(rng.integers(1, 5)))))
+    return images, texts, label, attrs
+
+
+def _imdb(n, g, rng, cfg):
+    freq = torch.tensor(cfg["imdb_genre_freq"])
+    label = (torch.rand(n, len(freq), generator=g) < freq).float()            # (N, G) multi-hot
+    none = label.sum(1) == 0
+    label[none, torch.multinomial(freq, int(none.sum()), replacement=True, generator=g)] = 1.0  # at least one genre
+    attrs = draw_attributes(n, g, cfg)
+    attrs["dark"] = label[:, list(IMDB_DARK)].sum(1) > 0
+    K = cfg["max_count"]
+    # figure j shows the motif of the film's (j mod #genres)-th genre with probability p_motif, else a plain figure
+    order = torch.argsort(label + torch.rand(label.shape, generator=g), dim=1, descending=True)  # present genres first
+    slot = torch.arange(K)[None] % label.sum(1, keepdim=True).long()          # (N, K)
+    genre = order.gather(1, slot)
+    shown = torch.rand(n, K, generator=g) < cfg["imdb_p_motif"]
+    motif = torch.where(shown, 1 + genre, torch.zeros_like(genre))
+    images = render_pictures(attrs, motif, torch.full((n,), float("nan")), g, cfg)
+    a, texts = {k: v.tolist() for k, v in attrs.items()}, []
+    lo, hi = cfg["imdb_words"]
+    for i, row in enumerate(label.tolist()):
+        words = describe(a, i, rng, cfg["p_mention"])
+        for gi, present in enumerate(row):
+            if rng.random() < (cfg["imdb_p_cue"] if present else cfg["imdb_p_false_cue"]):
+                words.insert(int(rng.integers(len(words) + 1)), _pick(IMDB_CUES[gi], rng))
+        texts.append(" ".join(add_noise_words(words, rng, max(0, int(rng.integers(lo, hi + 1)) - len(words)))))
+    return images, texts, label, attrs
+
+
+def memes_label(h_t, target, flip):
+    """hateful = [h_t + h_i > 0.5] with h_i = +1 for a target subject, -1 otherwise; `flip` marks the noisy labels."""
+    h_i = torch.where(target, 1, -1)
+    return ((h_t + h_i > 0.5) ^ flip).long()
+
+
+def _memes(n, g, rng, cfg):
+    assert n % 2 == 0, "memes come in pairs of confounders: an even number of samples"
+    half = n // 2
+    subject = torch.randint(0, len(MEMES_SUBJECTS), (n,), generator=g)
+    h_t = torch.randint(-2, 3, (n,), generator=g)
+    # the second half are confounders of the first: sibling i + half keeps base i's text (a new picture,
+    # a subject of the other kind) or its picture (a new text, the hostility across the decision line)
+    same_text = torch.rand(half, generator=g) < 0.5
+    base, sib = torch.arange(half), torch.arange(half) + half
+    other_kind = (subject[base] + 3 + torch.randint(0, 3, (half,), generator=g)) % 6
+    subject[sib] = torch.where(same_text, other_kind, subject[base])
+    h_t[sib] = torch.where(same_text, h_t[base], torch.where(h_t[base] >= 0, torch.randint(-2, 0, (half,), generator=g),
+                                                             torch.randint(1, 3, (half,), generator=g)))
+    attrs = draw_attributes(n, g, cfg)
+    for k in attrs:  # the same picture: the sibling keeps the base's attributes (and pixels, below)
+        attrs[k][sib] = torch.where(same_text, attrs[k][sib], attrs[k][base])
+    motif = torch.tensor(MEMES_SUBJECTS)[subject][:, None].expand(n, cfg["max_count"])
+    images = render_pictures(attrs, motif, torch.full((n,), float("nan")), g, cfg)
+    images[sib[~same_text]] = images[base[~same_text]]
+    label = memes_label(h_t, subject < 3, torch.rand(n, generator=g) < cfg["memes_flip"])
+    a, texts = {k: v.tolist() for k, v in attrs.items()}, []
+    for i in range(n):
+        if i >= half and same_text[i - half]:
+            texts.append(texts[i - half])
+            continue
+        words = describe(a, i, rng, cfg["p_mention"])
+        words += [_pick(MEMES_TONE[h_t[i] + 2], rng) for _ in range(int(rng.integers(1, 3)))]
+        texts.append(" ".join(add_noise_words(words, rng, int(rng.integers(1, 5)))))
+    perm = torch.randperm(n, generator=g)  # siblings are not neighbours
+    sibling = torch.cat([sib, base])                                           # original index -> its sibling's
+    attrs = {k: v[perm] for k, v in attrs.items()}
+    attrs.update(subject=subject[perm], hostility=h_t[perm], sibling=perm.argsort()[sibling[perm]],
+                 same_text=torch.cat([same_text, same_text])[perm])
+    return images[perm], [texts[i] for i in perm.tolist()], label[perm], attrs
+
+
+def generate_image_text(seed=0, cfg=IT_EMBEDDED, quiet=None):
+    """{task: {split: {'images': uint8 (N, 3, S, S), 'texts': [str], 'label': (N,) long or (N, G) float,
+    per-sample attributes}}} for the three tasks, generated from `seed`."""
+    out = {}
+    makers = {"food": _food, "imdb": _imdb, "memes": _memes}
+    bar = tqdm(total=9, desc="generating the embedded image-text benchmark", unit="split", dynamic_ncols=True,
+               disable=quiet)
+    for t, task in enumerate(IT_TASKS):
+        out[task] = {}
+        for s, split in enumerate(("train", "val", "test")):
+            g = torch.Generator().manual_seed(seed * 1000 + 10 * t + s)
+            rng = np.random.default_rng(seed * 1000 + 10 * t + s)
+            images, texts, label, attrs = makers[task](cfg[f"n_{split}"], g, rng, cfg)
+            out[task][split] = {"images": images, "texts": texts, "label": label, **attrs}
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def image_text_raw(seed=0, cache_dir=CACHE_DIR):
+    """The raw embedded image-text benchmark, generated once per seed and cached on disk."""
+    path = os.path.join(cache_dir, f"image_text_{it_embedded_id()}_seed{seed}.pt")
+    if path not in _RAW:
+        _RAW[path] = common.load_or_rebuild(path, lambda: generate_image_text(seed), valid=_is_raw_image_text)
+    return _RAW[path]
+
+
+def _is_raw_image_text(obj):
+    return isinstance(obj, dict) and all(
+        isinstance(obj.get(t), dict) and all(isinstance(obj[t].get(s), dict) and torch.is_tensor(obj[t][s].get("images"))
+                                             and isinstance(obj[t][s].get("texts"), list) for s in ("train", "val", "test"))
+        for t in IT_TASKS)
+
+
+def embedded_tokenizer():
+    """The embedded benchmark's word-level tokenizer (its own small vocabulary, CLIP's interface)."""
+    return WordTokenizer(it_vocab())
+
+
+def embedded_image_text_split(task, split, image_size, context_length, tokenizer=None, seed=0, cache_dir=CACHE_DIR):
+    """One split of an embedded image-text task as AVTensors {'image', 'text', 'label', 'index'}: pictures
+    pre-processed as CLIP's (resize, centre crop, CLIP mean / std) to `image_size`, texts tokenised
+    (default: the embedded word tokenizer; pass a CLIPTokenizer for the published CLIP) to `context_length`."""
+    if task not in IT_TASKS:
+        raise DataError(f"unknown embedded image-text task {task!r}; choose one of {', '.join(IT_TASKS)}.")
+    raw = image_text_raw(seed, cache_dir)[task][split]
+    tokenizer = tokenizer or embedded_tokenizer()
+    key = ("it", task, split, seed, image_size)
+    if key not in _CLEAN:
+        _CLEAN[key] = frames_to_input(raw["images"], image_size, mean=CLIP_MEAN, std=CLIP_STD)
+    return AVTensors({"image": _CLEAN[key], "text": tokenizer(raw["texts"], context_length), "label": raw["label"]})
+
+
+
+# ----------------------------------------------------------------------------------------------
 # The READ / Kinetics50-C / VGGSound-C file layout
 # ----------------------------------------------------------------------------------------------
 def check_input_file(path, what, hint):

@@ -221,6 +221,248 @@ def train_source(args, quiet=False):
 
 
 # ----------------------------------------------------------------------------------------------
+# The image-text source backbone: a tiny CLIP pre-trained on the embedded pairs, then frozen
+# ----------------------------------------------------------------------------------------------
+# The papers freeze a CLIP pre-trained on 400 M web pairs. Here the tiny dual encoder is pre-trained
+# with CLIP's objective (common.clip_loss: symmetric InfoNCE over the batch, learnable temperature
+# from 0.07) on the training pairs of the three embedded tasks together, as one CLIP serves the
+# three datasets; the labels are never used. Then it is frozen: the methods start from it.
+CLIP_PRETRAIN = dict(epochs=30, lr=2e-3, batch_size=64, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, warmup=0.1)
+IMAGE_TEXT_DATA = tuple(data.IT_TASKS)  # embedded tasks: food, imdb, memes
+REAL_IMAGE_TEXT = ("mmimdb", "food101", "hatememes")  # the papers' datasets, read from their raw layouts
+
+
+def default_clip_checkpoint(config="tiny"):
+    return os.path.join(CHECKPOINT_DIR, f"clip_embedded_{config}.pt")
+
+
+def pretrain_clip(model, pairs, device, epochs=None, seed=0, quiet=False):
+    """CLIP pre-training of `model` on `pairs` (AVTensors with 'image' and 'text'): AdamW with CLIP's betas
+    and eps, linear warm-up then cosine decay; exp(logit_scale) clamped at 100 as in CLIP."""
+    cfg = CLIP_PRETRAIN
+    epochs = cfg["epochs"] if epochs is None else epochs
+    loader = data.make_loader(pairs, cfg["batch_size"], shuffle=True, seed=seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    # CLIP: no weight decay on gains, biases, embeddings and the temperature
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"])
+    total = max(1, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total, pct_start=cfg["warmup"])
+    bar = tqdm(total=total, desc="CLIP pre-training (symmetric InfoNCE)", disable=quiet, dynamic_ncols=True)
+    for epoch in range(epochs):
+        model.train()
+        for batch in loader:
+            batch = data.to_device(batch, device)
+            loss = common.clip_loss(model(batch["image"], batch["text"]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(max=math.log(common.CLIP_MAX_LOGIT_SCALE))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def clip_features(model, dataset, device, batch_size=256):
+    """Frozen image and text embeddings of a dataset: (N, E), (N, E)."""
+    model.eval()
+    feats_i, feats_t = [], []
+    for batch in data.make_loader(dataset, batch_size, shuffle=False):
+        batch = data.to_device(batch, device)
+        feats_i.append(model.encode_image(batch["image"]))
+        feats_t.append(model.encode_text(batch["text"]))
+    return torch.cat(feats_i), torch.cat(feats_t)
+
+
+def class_of(label):
+    """One class per sample for 'shuffled within each class': the label, or a multi-label sample's rarest genre."""
+    if label.dim() == 1:
+        return label
+    rarity = torch.arange(label.shape[1], dtype=label.dtype)  # genres are listed from the most to the least frequent
+    return (label * (rarity + 1)).argmax(1)
+
+
+@torch.no_grad()
+def image_text_retrieval(feats_i, feats_t, label, batch_size=64, seed=0):
+    """Image -> text top-1 retrieval (%) within batches of `batch_size` random test samples: for the true
+    pairs, and with every text swapped for another sample's of the same class (a picture's partner then
+    shares only its class). Chance is 1 / batch_size."""
+    cls = class_of(label)
+    g = torch.Generator().manual_seed(seed)
+    swap = torch.arange(len(cls))
+    for k in cls.unique():
+        idx = (cls == k).nonzero().flatten()
+        swap[idx] = idx[torch.randperm(len(idx), generator=g)]
+    order = torch.randperm(len(cls), generator=g)
+    out = {"true_pairs": [], "class_shuffled": []}
+    for s in range(0, len(order) - batch_size + 1, batch_size):
+        b = order[s:s + batch_size]
+        out["true_pairs"].append(common.retrieval_top1(feats_i[b], feats_t[b]))
+        out["class_shuffled"].append(common.retrieval_top1(feats_i[b], feats_t[swap[b]]))
+    return {k: 100.0 * float(np.mean(v)) for k, v in out.items()}
+
+
+def task_metric(kind, logits, label):
+    """The papers' metric of a task: accuracy (single-label), F1-macro (multi-label), AUROC (binary), in %."""
+    if kind == "multilabel":
+        return common.f1_scores(logits, label)["f1_macro"]
+    if kind == "binary":
+        return common.auroc(logits.softmax(-1)[:, 1], label)
+    return common.accuracy(logits, label)
+
+
+def task_loss(kind, logits, label):
+    """Cross-entropy (single-label, binary with 2 logits) or binary cross-entropy per genre (multi-label)."""
+    return F.binary_cross_entropy_with_logits(logits, label) if kind == "multilabel" else F.cross_entropy(logits, label)
+
+
+def linear_probe(kind, num_classes, x_train, y_train, x_test, y_test, steps=300, lr=1e-2, weight_decay=1e-3, seed=0):
+    """A linear head trained full-batch (AdamW) on frozen features (standardised with the training
+    statistics); -> the task metric on the test features."""
+    torch.manual_seed(seed)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    head = torch.nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = task_loss(kind, head(x_train), y_train)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return task_metric(kind, head(x_test), y_test)
+
+
+def modality_probes(model, kind, num_classes, train_set, test_set, device, seed=0):
+    """What each modality of the frozen backbone says about a task: the metric of a linear probe on the
+    image embedding, on the text embedding and on both (concatenated), trained on `train_set`; and the
+    image -> text retrieval on `test_set`."""
+    (i_tr, t_tr), (i_te, t_te) = clip_features(model, train_set, device), clip_features(model, test_set, device)
+    y_tr, y_te = train_set_labels(train_set).to(device), train_set_labels(test_set).to(device)
+    probe = lambda a, b: linear_probe(kind, num_classes, a, y_tr, b, y_te, seed=seed)  # noqa: E731
+    return {"image": probe(i_tr, i_te), "text": probe(t_tr, t_te),
+            "both": probe(torch.cat([i_tr, t_tr], 1), torch.cat([i_te, t_te], 1)),
+            "retrieval": image_text_retrieval(i_te.cpu(), t_te.cpu(), y_te.cpu())}
+
+
+def train_set_labels(dataset):
+    """Every label of a dataset: the in-memory field, or read item by item from a dataset on disk."""
+    if isinstance(dataset, data.AVTensors):
+        return dataset.fields["label"]
+    return torch.stack([torch.as_tensor(dataset[i]["label"]) for i in range(len(dataset))])
+
+
+def train_clip_source(config="tiny", data_seed=0, seed=0, device="cpu", epochs=None, out=None, quiet=False):
+    """Pre-train the tiny CLIP on the training pairs of the three embedded tasks, save it (carrying the
+    benchmark's id) and return (model, meta)."""
+    common.seed_everything(seed)
+    tokenizer = data.embedded_tokenizer()
+    model = common.CLIP(config, vocab_size=tokenizer.vocab_size).to(device)
+    splits = [data.embedded_image_text_split(t, "train", model.image_size, model.context_length, tokenizer, seed=data_seed)
+              for t in data.IT_TASKS]
+    pairs = data.AVTensors({k: torch.cat([s.fields[k] for s in splits]) for k in ("image", "text")}
+                           | {"label": torch.zeros(sum(len(s) for s in splits))})
+    t0 = time.time()
+    pretrain_clip(model, pairs, device, epochs=epochs, seed=seed, quiet=quiet)
+    out = out or default_clip_checkpoint(config)
+    meta = dict(data="embedded-image-text", data_seed=data_seed, seed=seed, benchmark=data.it_embedded_id(),
+                pretrain_seconds=time.time() - t0)
+    common.save_clip(out, model, **meta)
+    if not quiet:
+        print(f"saved {out} ({meta['pretrain_seconds']:.0f} s of pre-training)")
+    return model.eval(), {**meta, "config": config, "vocab_size": model.vocab_size}
+
+
+def default_clip_source(config, data_seed, device):
+    """The frozen backbone of the embedded image-text tasks: checkpoints/clip_embedded_<config>.pt, pre-trained
+    first when it is missing, unreadable or made on another version of the benchmark."""
+    path = default_clip_checkpoint(config)
+    if os.path.isfile(path):
+        try:
+            model, meta = common.load_clip(path, device=device)
+            if meta.get("benchmark") == data.it_embedded_id() and meta.get("data_seed") == data_seed:
+                return model, meta
+            print(f"the default CLIP backbone {path} was made on another version or seed of the embedded "
+                  f"image-text benchmark; pre-training it again")
+        except common.CheckpointError as e:
+            print(f"the default CLIP backbone cannot be used ({e}); pre-training it again")
+    else:
+        print(f"no CLIP backbone at {path}: pre-training one first (a few minutes on a CPU)")
+    return train_clip_source(config, data_seed, device=device, out=path)
+
+
+def image_text_backbone(args, device):
+    """The frozen CLIP and its tokenizer: --checkpoint (ours, or OpenAI's ViT-B-16.pt with --bpe), else the
+    default embedded backbone. -> (model, tokenizer, path)."""
+    if not args.checkpoint:
+        if args.data not in IMAGE_TEXT_DATA:
+            raise SystemExit(f"error: --data {args.data} needs the published CLIP: pass --checkpoint ViT-B-16.pt "
+                             f"--config base --bpe bpe_simple_vocab_16e6.txt.gz.")
+        model, _ = default_clip_source(args.config or "tiny", args.data_seed, device)
+        return model, data.embedded_tokenizer(), default_clip_checkpoint(args.config or "tiny")
+    model, meta = common.load_clip(args.checkpoint, config=args.config, device=device)
+    if meta.get("data") == "embedded-image-text":
+        if args.data not in IMAGE_TEXT_DATA:
+            raise SystemExit(f"error: {args.checkpoint} was pre-trained on the embedded benchmark's small vocabulary, "
+                             f"which cannot read {args.data}'s texts; pass the published CLIP (--checkpoint ViT-B-16.pt "
+                             f"--config base --bpe bpe_simple_vocab_16e6.txt.gz).")
+        if meta.get("benchmark") != data.it_embedded_id():
+            raise SystemExit(f"error: {args.checkpoint} was made on another version of the embedded image-text benchmark "
+                             f"({meta.get('benchmark')}, this is {data.it_embedded_id()}); make it again with "
+                             f"`python train.py --data {args.data}`.")
+        return model, data.embedded_tokenizer(), args.checkpoint
+    if not args.bpe:
+        raise SystemExit(f"error: {args.checkpoint} is not one of this project's CLIP checkpoints, so its texts need "
+                         f"CLIP's BPE vocabulary: pass --bpe bpe_simple_vocab_16e6.txt.gz.")
+    tokenizer = data.CLIPTokenizer(args.bpe)
+    if tokenizer.vocab_size != model.vocab_size:
+        raise SystemExit(f"error: --bpe {args.bpe} gives {tokenizer.vocab_size} tokens but {args.checkpoint} embeds "
+                         f"{model.vocab_size}; use the vocabulary file published with these weights.")
+    return model, tokenizer, args.checkpoint
+
+
+def image_text_sets(args, model, tokenizer):
+    """(training set, test set, task info) of an image-text --data: an embedded task or a real dataset."""
+    if args.data in IMAGE_TEXT_DATA:
+        kw = dict(image_size=model.image_size, context_length=model.context_length, tokenizer=tokenizer, seed=args.data_seed)
+        return (data.embedded_image_text_split(args.data, "train", **kw), data.embedded_image_text_split(args.data, "test", **kw),
+                data.IT_TASKS[args.data])
+    kw = dict(tokenizer=tokenizer, image_size=model.image_size, context_length=model.context_length)
+    return (data.image_text_split(args.data, args.data_root, "train", **kw),
+            data.image_text_split(args.data, args.data_root, "test", **kw), data.IMAGE_TEXT_TASKS[args.data])
+
+
+def image_text_results_path(args):
+    """results/source_<data>.json, or named after the --checkpoint when one is given."""
+    name = f"_{os.path.splitext(os.path.basename(args.checkpoint))[0]}" if args.checkpoint else ""
+    return args.results or os.path.join(RESULTS_DIR, f"source_{args.data}{name}.json")
+
+
+def image_text_source(args):
+    """`python train.py --data food|imdb|memes` (or a real dataset): the frozen CLIP backbone (pre-trained
+    first when needed), its image -> text retrieval and the linear probes of each modality; table + JSON."""
+    device = common.get_device(args.device)
+    model, tokenizer, path = image_text_backbone(args, device)
+    train_set, test_set, info = image_text_sets(args, model, tokenizer)
+    r = modality_probes(model, info["kind"], info["num_classes"], train_set, test_set, device, seed=args.seed)
+    metric = {"accuracy": "accuracy", "f1_macro": "F1-macro", "auroc": "AUROC"}[info["metric"]]
+    ret = r["retrieval"]
+    print(f"backbone {path}: image -> text top-1 retrieval in clean test batches of 64: {ret['true_pairs']:.1f}% "
+          f"(pairs shuffled within each class: {ret['class_shuffled']:.1f}%; chance 1.6%)")
+    print(f"linear probes on the frozen embeddings, test {metric} (%):  image only {r['image']:.1f} | "
+          f"text only {r['text']:.1f} | both {r['both']:.1f}")
+    out = image_text_results_path(args)
+    common.write_json(out, {"args": vars(args), "checkpoint": path, "metric": info["metric"], **r})
+    print(f"wrote {out}")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
 # Missing-modality protocols (shared by CMPT and AOEPT)
 # ----------------------------------------------------------------------------------------------
 INFERENCE_RATES = (0, 10, 30, 50, 70, 90, 100)  # % of a modality missing at test time (CMPT, Fig. 3)
@@ -448,8 +690,11 @@ def build_parser():
     p.add_argument("--method", default="source", choices=list(METHODS),
                    help="source: train the source model; cmpt / aoept: train that method's variants and run its "
                         "protocols (default: source)")
-    p.add_argument("--data", default="embedded", choices=["embedded", "read"],
-                   help="embedded benchmark (generated locally) or a dataset in READ's file layout (default: embedded)")
+    p.add_argument("--data", default="embedded", choices=["embedded", "read", *IMAGE_TEXT_DATA, *REAL_IMAGE_TEXT],
+                   help="audio-visual: the embedded benchmark (generated locally) or a dataset in READ's file layout; "
+                        "image-text: an embedded task (food, imdb, memes: the frozen CLIP backbone, its retrieval and "
+                        "each modality's linear probe) or a real dataset in its raw layout under --data-root "
+                        "(mmimdb, food101, hatememes) (default: embedded)")
     p.add_argument("--config", default=None, choices=list(common.CONFIGS),
                    help="model size, base = published CAV-MAE (default: tiny; with --checkpoint, the checkpoint's own)")
     p.add_argument("--epochs", type=positive_int, default=None,
@@ -483,6 +728,10 @@ def build_parser():
                                                     "cmpt / aoept (default: none; required for cmpt / aoept)")
     p.add_argument("--label-csv", default=None, help="--data read: class_labels_indices CSV with indices 0..K-1 "
                                                      "(default: none, required)")
+    p.add_argument("--data-root", default=None, help="--data mmimdb | food101 | hatememes: the dataset's folder, "
+                                                     "in its published raw layout (default: none, required)")
+    p.add_argument("--bpe", default=None, help="image-text with the published CLIP: CLIP's BPE vocabulary "
+                                               "bpe_simple_vocab_16e6.txt.gz (default: none)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers of source training (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     return p
@@ -498,6 +747,25 @@ def check_args(args, parser):
     common.get_device(args.device)
     given = lambda name: getattr(args, name) != parser.get_default(name)  # noqa: E731
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    image_text = args.data in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT
+    if image_text:
+        if args.method != "source":
+            raise SystemExit(f"error: --method {args.method} runs on the audio-visual data (--data embedded | read) in "
+                             f"this version; on --data {args.data} train.py makes and reports the frozen CLIP backbone.")
+        ignored = [flag(n) for n in READ_ONLY + ("out", "variants", "protocols", "map_rate", "seeds", "workers", "epochs",
+                                                 "pretrain_epochs", "lr", "batch_size")
+                   if given(n)] + (["--data-root"] if args.data in IMAGE_TEXT_DATA and args.data_root else [])
+        if ignored:
+            raise SystemExit(f"error: {ignored[0]} does not apply to --data {args.data}; see `python train.py --help`.")
+        if args.data in REAL_IMAGE_TEXT and not args.data_root:
+            raise SystemExit(f"error: --data {args.data} needs --data-root, the dataset's folder in its raw layout.")
+        if args.bpe:
+            data.check_input_file(args.bpe, "--bpe", "pass CLIP's bpe_simple_vocab_16e6.txt.gz.")
+        results = common.check_output_file(image_text_results_path(args), "--results")
+        return [("results", results)]
+    if args.data_root or args.bpe:
+        raise SystemExit(f"error: {'--data-root' if args.data_root else '--bpe'} applies to the image-text data only "
+                         f"(--data food | imdb | memes | mmimdb | food101 | hatememes).")
     if args.method == "source":
         ignored = [flag(n) for n in METHOD_ONLY if given(n)]
         if ignored:
@@ -538,7 +806,9 @@ def main(argv=None):
     outputs = []
     try:
         outputs = check_args(args, parser)
-        if args.method == "source":
+        if args.data in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT:
+            image_text_source(args)
+        elif args.method == "source":
             train_source(args)
         else:
             run_missing(args)
