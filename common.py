@@ -398,10 +398,12 @@ def retrieval_top1(c_a, c_v):
 #   accuracy   single-label (UPMC Food-101): argmax of the logits equals the label
 #   f1_scores  multi-label (MM-IMDb): a class is predicted when sigmoid(logit) >= threshold (0.5);
 #              macro = mean over classes of F1_k = 2 TP_k / (2 TP_k + FP_k + FN_k), a class with no
-#              positive and no prediction counting F1 0 (sklearn's zero_division=0, the convention of
-#              sklearn's f1_score(average="macro"), which AOEPT calls); micro = the same over all entries.
-#              MAP computes them with torchmetrics' f1_score on sigmoid probabilities; on MM-IMDb's test
-#              split every genre has positives, so the conventions for an empty class do not matter there.
+#              positive and no prediction counting F1 0 (sklearn's f1_score(average="macro",
+#              zero_division=0)); micro = the same over all entries. MAP (vilt/gadgets/my_metrics.py) and
+#              AOEPT (core/utils/metrics_utils.py) both call torchmetrics' F1 on sigmoid probabilities, not
+#              sklearn; how torchmetrics treats a probability exactly at 0.5 and an empty class was not
+#              checked here. On MM-IMDb's test split every genre has positives, so the empty-class
+#              convention does not matter there.
 #   auroc      binary (Hateful Memes, the positive class's probability or logit): the Mann-Whitney form
 #              P(score of a random positive > score of a random negative), a tie counting one half.
 def accuracy(logits, labels):

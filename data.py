@@ -1634,16 +1634,21 @@ class WordTokenizer:
 #   per plot of a movie (a movie with two plots appears twice); we take the first plot (MAP's
 #   single_plot=True), one sample per movie, so the splits have the published sizes
 #   15,552 / 2,608 / 7,799 and a missing table has one entry per movie.
-# - MM-IMDb: MAP ignores genres outside the 23; we refuse them (a label file from another dataset
-#   version would otherwise lose labels silently).
-# - Food-101: MAP ships its own split.json (61,142 train / 6,846 val, both from the train CSV) and a
-#   class_idx.json in an unsorted order; neither is shipped here. val is a fixed 10% of the train
-#   rows drawn with torch.Generator seed FOOD101_VAL_SEED, train the other 90%; classes are sorted.
+# - MM-IMDb: the label files also list IMDb genres that MM-IMDb dropped (Adult, News, Reality-TV,
+#   Talk-Show, as AOEPT's preprocess_datasets.py names them); MAP and AOEPT ignore every genre outside
+#   the 23. We ignore those four and refuse any other (a label file of another dataset would
+#   otherwise lose its labels silently).
+# - Food-101: MAP ships its own split.json (61,142 train / 6,846 val, both from the train CSV; AOEPT
+#   reuses it) and a class_idx.json in an unsorted order; neither is shipped here. With MAP's
+#   split.json copied to <root>/split.json its train / val lists of image file names are used;
+#   without it val is a fixed 10% of the train rows drawn with torch.Generator seed
+#   FOOD101_VAL_SEED, train the other 90%. Classes are sorted (not MAP's class_idx.json order).
 # - Hateful Memes: MAP reads dev.jsonl / test.jsonl (test_seen.jsonl renamed, DATA.md); we read
 #   dev_seen.jsonl and test_seen.jsonl by their published names.
 MMIMDB_GENRES = ("Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
                  "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
                  "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir")  # MAP's order
+MMIMDB_DROPPED_GENRES = ("Adult", "News", "Reality-TV", "Talk-Show")  # in the label files, not among the 23
 IMAGE_TEXT_TASKS = {
     "mmimdb": {"kind": "multilabel", "metric": "f1_macro", "num_classes": 23},
     "food101": {"kind": "single", "metric": "accuracy", "num_classes": 101},
@@ -1723,13 +1728,14 @@ def mmimdb_samples(root, split):
                 or not isinstance(genres, list):
             raise DataError(f"MM-IMDb label file {label_path} needs a non-empty 'plot' list of strings and a "
                             f"'genres' list; restore it from MM-IMDb.")
-        unknown = [g for g in genres if g not in genre_index]
+        unknown = [g for g in genres if g not in genre_index and g not in MMIMDB_DROPPED_GENRES]
         if unknown:
             raise DataError(f"MM-IMDb label file {label_path} has the genre {unknown[0]!r}, not one of the 23 "
                             f"of MM-IMDb ({', '.join(MMIMDB_GENRES)}); fix or remove the file.")
         multi_hot = [0.0] * len(MMIMDB_GENRES)
         for g in genres:
-            multi_hot[genre_index[g]] = 1.0
+            if g in genre_index:
+                multi_hot[genre_index[g]] = 1.0
         ids.append(movie)
         paths.append(image)
         texts.append(plots[0])  # DEVIATION: MAP makes one sample per plot; we take the first (see above)
@@ -1780,7 +1786,20 @@ def food101_samples(root, split):
         paths.append(image)
         texts.append(text)
         labels.append(class_index[cls])
-    if split != "test":
+    map_split = os.path.join(root, "split.json")
+    if split != "test" and os.path.isfile(map_split):  # MAP's split file: its lists of image file names
+        hint = "MAP's Food101/split.json maps 'train', 'val', 'test' to lists of image file names."
+        lists = _read_json_file(map_split, "UPMC Food-101 split file", hint)
+        if not isinstance(lists, dict) or not isinstance(lists.get(split), list) or not lists[split]:
+            raise DataError(f"{map_split} has no non-empty list {split!r}; {hint}")
+        row_of = {file: i for i, file in enumerate(ids)}
+        absent = next((f for f in lists[split] if f not in row_of), None)
+        if absent is not None:
+            raise DataError(f"{map_split} lists {absent!r} in {split!r}, which is not a row of {csv_path}; "
+                            f"use the split.json that belongs to this copy of UPMC Food-101, or remove it.")
+        keep = [row_of[f] for f in lists[split]]
+        ids, paths, texts, labels = ([v[i] for i in keep] for v in (ids, paths, texts, labels))
+    elif split != "test":
         # DEVIATION: MAP's fixed val list is not shipped; a seeded 10% of the train rows (see above)
         g = torch.Generator().manual_seed(FOOD101_VAL_SEED)
         order = torch.randperm(len(ids), generator=g)

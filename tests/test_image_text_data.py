@@ -159,7 +159,7 @@ def test_read_image_grey_and_rgba_become_rgb(tmp_path):
 
 # ---------------------------------------------------------------------------- MM-IMDb
 def make_mmimdb(root, movies=None, splits=None):
-    movies = movies or {"0001": (["hello world", "second plot"], ["Comedy", "Film-Noir"]),
+    movies = movies or {"0001": (["hello world", "second plot"], ["Comedy", "News", "Film-Noir"]),
                         "0002": (["red cake"], ["Drama"]), "0003": (["a meme"], []), "0004": (["hot"], ["Short"])}
     for i, (plots, genres) in movies.items():
         write_image(os.path.join(root, "images", f"{i}.jpeg"), (50, 100, 150), fmt="jpg")
@@ -177,7 +177,7 @@ def test_mmimdb_reads_labels_and_first_plot(tmp_path):
             for s in ("train", "val", "test")}
     assert {s: len(d) for s, d in sets.items()} == {"train": 2, "val": 1, "test": 1}
     item = sets["train"][0]
-    # Comedy is genre 1, Film-Noir genre 22 of the 23
+    # Comedy is genre 1, Film-Noir genre 22 of the 23; News is one of the IMDb genres MM-IMDb dropped: ignored
     assert item["label"].dtype == torch.float and item["label"].nonzero().flatten().tolist() == [1, 22]
     assert sets["train"][1]["label"].nonzero().flatten().tolist() == [0]  # Drama
     assert sets["val"][0]["label"].sum().item() == 0  # no genre: all zeros
@@ -243,6 +243,20 @@ def test_food101_classes_splits_and_texts(tmp_path):
     with pytest.raises(data.DataError, match=r"the word 'hot,' of the text"):
         test[0]
     assert len(data.image_text_split("food101", root, "val", WORDS)) == 1  # the same val every time
+
+
+def test_food101_uses_maps_split_file_when_present(tmp_path):
+    root = make_food101(tmp_path / "food")
+    with open(os.path.join(root, "split.json"), "w") as f:
+        json.dump({"train": ["tacos_1.jpg", "apple_pie_0.jpg"], "val": ["tacos_4.jpg"], "test": []}, f)
+    train, val = (data.image_text_split("food101", root, s, WORDS) for s in ("train", "val"))
+    assert train.ids == ["tacos_1.jpg", "apple_pie_0.jpg"] and train.labels.tolist() == [1, 0]
+    assert val.ids == ["tacos_4.jpg"]
+    assert len(data.image_text_split("food101", root, "test", WORDS)) == 2  # test always from test_titles.csv
+    with open(os.path.join(root, "split.json"), "w") as f:
+        json.dump({"train": ["sushi_3.jpg"], "val": ["tacos_4.jpg"]}, f)
+    with pytest.raises(data.DataError, match=r"split.json lists 'sushi_3.jpg' in 'train', which is not a row of"):
+        data.image_text_split("food101", root, "train", WORDS)
 
 
 def test_food101_header_and_bad_rows(tmp_path):
