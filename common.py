@@ -659,6 +659,53 @@ def retrieval_top1(c_a, c_v):
 
 
 # ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+# The three image-text tasks' metrics, in %, as pure float-agnostic functions (no sklearn):
+#   accuracy   single-label (UPMC Food-101): argmax of the logits equals the label
+#   f1_scores  multi-label (MM-IMDb): a class is predicted when sigmoid(logit) >= threshold (0.5);
+#              macro = mean over classes of F1_k = 2 TP_k / (2 TP_k + FP_k + FN_k), a class with no
+#              positive and no prediction counting F1 0 (sklearn's f1_score(average="macro",
+#              zero_division=0)); micro = the same over all entries. MAP (vilt/gadgets/my_metrics.py) and
+#              AOEPT (core/utils/metrics_utils.py) both call torchmetrics' F1 on sigmoid probabilities, not
+#              sklearn; how torchmetrics treats a probability exactly at 0.5 and an empty class was not
+#              checked here. On MM-IMDb's test split every genre has positives, so the empty-class
+#              convention does not matter there.
+#   auroc      binary (Hateful Memes, the positive class's probability or logit): the Mann-Whitney form
+#              P(score of a random positive > score of a random negative), a tie counting one half.
+def accuracy(logits, labels):
+    """logits (N, K), labels (N,) long -> % of rows whose argmax is the label."""
+    return 100.0 * (logits.argmax(dim=-1) == labels).double().mean().item()
+
+
+def f1_scores(logits, targets, threshold=0.5):
+    """logits (N, K), targets (N, K) multi-hot -> {'f1_macro', 'f1_micro'} in %."""
+    pred = torch.sigmoid(logits) >= threshold  # (N, K) bool; a probability equal to the threshold is positive
+    true = targets > 0.5  # (N, K) bool
+    tp = (pred & true).sum(0).double()  # (K,)
+    fp = (pred & ~true).sum(0).double()
+    fn = (~pred & true).sum(0).double()
+    # F1_k = 2 TP_k / (2 TP_k + FP_k + FN_k), 0 when the denominator is 0
+    denom = 2 * tp + fp + fn
+    f1_k = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(denom))
+    denom_all = (2 * tp + fp + fn).sum()
+    micro = (2 * tp.sum() / denom_all).item() if denom_all > 0 else 0.0
+    return {"f1_macro": 100.0 * f1_k.mean().item(), "f1_micro": 100.0 * micro}
+
+
+def auroc(scores, labels):
+    """scores (N,) (higher = more positive), labels (N,) 0/1 -> area under the ROC curve in %."""
+    labels = torch.as_tensor(labels).bool()
+    pos, neg = scores[labels].double(), scores[~labels].double()  # (P,), (M,)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"AUROC needs both classes, but the labels hold {len(pos)} positives and {len(neg)} "
+                         f"negatives; evaluate on a split with both.")
+    # AUC = 1/(P M) sum_ij [pos_i > neg_j] + 1/2 [pos_i = neg_j]
+    wins = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()  # (P, M)
+    return 100.0 * wins.mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
 # Device, seeding, checkpoints
 # ----------------------------------------------------------------------------------------------
 def get_device(name=None):

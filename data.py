@@ -9,6 +9,9 @@ Every loader here yields the same batches, dicts with named fields:
     batch["has_audio"]  (B,) bool   only in missing-modality data: False where the audio is missing
     batch["has_video"]  (B,) bool   likewise for the video
 
+Image-text data (a CLIP-style dual encoder; MAP, CMPT, AOEPT) yields batches with the fields image, text,
+label, index and missing: see the comment of the section "Image-text: tokenizers".
+
 Audio and video go through ONE pre-processing path whatever their origin (`wav_to_fbank`,
 `frames_to_input`): 16 kHz mono -> minus mean -> kaldi fbank (htk_compat, hanning, 10 ms shift,
 no dither) -> pad/cut to T frames -> (x + 5.081) / 4.4849; frames -> resize (bicubic) -> centre crop
@@ -28,15 +31,25 @@ Sections, in file order:
                                            embedded_split
     The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, read_layout_split
     Missing modalities                     missing_masks, with_missing
+    Image-text: tokenizers                 CLIPTokenizer, WordTokenizer (CLIP's BPE; a word vocabulary), clean_text,
+                                           bytes_to_unicode, pad_token_ids
+    Image-text: real datasets              MM-IMDb, UPMC Food-101, Hateful Memes in their raw layouts:
+                                           image_text_split, IMAGE_TEXT_TASKS, IMAGE_TEXT_SPLITS, MMIMDB_GENRES,
+                                           ImageTextFiles, clip_preprocess (CLIP_MEAN, CLIP_STD)
+    Image-text: missing tables             MAP's per-sample codes 0 / 1 / 2: missing_table, missing_table_path,
+                                           load_or_make_missing_table, with_missing_table, missing_image
     Making a corrupted set in READ's layout   make_corrupted_set, main (`python data.py corrupt --help`)
 """
 import argparse
 import csv
+import gzip
 import hashlib
+import html
 import json
 import math
 import os
 import pathlib
+import re
 import sys
 import wave
 import zlib
@@ -56,6 +69,7 @@ SAMPLE_RATE = 16000
 FBANK_MEAN, FBANK_STD = -5.081, 4.4849  # READ's normalisation constants (KS50 and VGGSound)
 FBANK_WINDOW = 400  # samples in one 25 ms kaldi fbank window at 16 kHz: a shorter clip has no frame
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # openai/CLIP
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 
 
@@ -82,13 +96,14 @@ def wavs_to_fbank(wavs, mel_bins, target_length):
     return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs])
 
 
-def frames_to_input(frames, size):
-    """uint8 or [0, 1] float frames (N, 3, h, w) -> (N, 3, size, size) ImageNet-normalised float."""
+def frames_to_input(frames, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 or [0, 1] float frames (N, 3, h, w) -> (N, 3, size, size) float normalised with mean / std
+    (ImageNet's by default; CLIP_MEAN / CLIP_STD for CLIP)."""
     x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
     if x.shape[-2:] != (size, size):
         x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         x = TF.center_crop(x, [size, size]).clamp(0, 1)
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    return TF.normalize(x, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1719,6 +1734,561 @@ class MissingModalities(torch.utils.data.Dataset):
         if not self.has_video[i]:
             item["video"] = torch.zeros_like(item["video"])
         return {**item, "has_audio": self.has_audio[i], "has_video": self.has_video[i]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-text: tokenizers
+# ----------------------------------------------------------------------------------------------
+# Image-text batches (CLIP-style dual encoder; MAP, CMPT, AOEPT), dicts with named fields:
+#
+#     batch["image"]    (B, 3, H, W) float  CLIP-normalised (resize shorter side, centre crop, /255)
+#     batch["text"]     (B, C) long   [sot, tokens..., eot, 0, ...], C = context length
+#     batch["label"]    (B,) long (single-label, binary) or (B, K) float multi-hot (MM-IMDb)
+#     batch["index"]    (B,) long   position of the sample in its split
+#     batch["missing"]  (B,) long   only in missing-modality data: MAP's codes 0 complete,
+#                                   1 text missing, 2 image missing
+#
+# Two tokenizers share one interface (.sot, .eot, .vocab_size, .encode(text), tokenizer(texts, C)):
+# `CLIPTokenizer` is OpenAI CLIP's byte-level BPE (openai/CLIP `clip/simple_tokenizer.py`, written
+# again from its description) read from the user's `bpe_simple_vocab_16e6.txt.gz`; `WordTokenizer`
+# is a word-level vocabulary for the embedded synthetic benchmark. Both put the end token at the
+# LARGEST id, so a text encoder that pools at argmax(ids) (CLIP) finds it.
+#
+# Deviations (each marked `# DEVIATION:` below):
+# - CLIP cleans text with ftfy.fix_text first (repairs mojibake such as "cafÃ©"); ftfy is not
+#   available here, so text is used as given (html.unescape twice, whitespace, lower-case only).
+# - CLIP splits words with the `regex` module's \p{L} (letters) and \p{N} (numbers); `re` lacks
+#   them. Letters become [^\W\d_] (word characters minus decimal digits and "_"), numbers \d
+#   (decimal digits), the rest (?:[^\s\w]|_)+ (runs of what is neither space, letter nor digit,
+#   "_" included, as in CLIP). Identical on ASCII and on letters and decimal digits of every
+#   script; non-decimal numerals (superscripts, fractions, Roman numeral signs) join the letter
+#   run instead of standing alone as \p{N} does.
+BPE_MERGES_USED = 49152 - 256 - 2  # CLIP reads lines 1 .. 48,894 of the merges file (line 0: version)
+SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
+# DEVIATION: \p{L} -> [^\W\d_], \p{N} -> \d, [^\s\p{L}\p{N}]+ -> (?:[^\s\w]|_)+ (see above)
+CLIP_SPLIT = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
+                        re.IGNORECASE)
+
+
+def bytes_to_unicode():
+    """CLIP's / GPT-2's table byte -> printable character: the 188 printable bytes ('!'..'~', '¡'..'¬',
+    '®'..'ÿ') map to themselves, the other 68 (control, space, ...) to chr(256), chr(257), ... in byte
+    order. The table's order is CLIP's vocabulary order: the printable bytes first ('!' is id 0),
+    then the 68 others."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
+
+
+def clean_text(text):
+    """CLIP's clean-up: html.unescape twice, whitespace runs -> one space, stripped, lower-cased."""
+    # DEVIATION: CLIP calls ftfy.fix_text(text) first; ftfy is not available (see the section comment)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def pad_token_ids(ids_per_text, sot, eot, context_length):
+    """[[ids...], ...] -> (N, C) long: [sot] + ids + [eot], zero-padded; a text too long is cut to C
+    and its last position set to eot (CLIP's tokenize(truncate=True))."""
+    if not ids_per_text:
+        raise DataError("no texts were given to tokenize; pass a non-empty list of strings.")
+    out = torch.zeros(len(ids_per_text), context_length, dtype=torch.long)  # (N, C)
+    for row, ids in enumerate(ids_per_text):
+        ids = [sot] + ids + [eot]
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = eot
+        out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+class CLIPTokenizer:
+    """OpenAI CLIP's byte-level BPE from its merges file (`bpe_simple_vocab_16e6.txt.gz`).
+
+    Vocabulary, in id order: the 256 byte characters (`bytes_to_unicode`), the same with `</w>`
+    (end of word), one entry per merge (the two symbols joined), `<|startoftext|>`, `<|endoftext|>`:
+    256 + 256 + 48,894 + 2 = 49,408 for the real file.
+    """
+
+    def __init__(self, path):
+        merges = self._read_merges(path)
+        self.byte_encoder = bytes_to_unicode()
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT_TEXT, EOT_TEXT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}  # later duplicates win, as dict(zip()) in CLIP
+        self.bpe_ranks = {m: rank for rank, m in enumerate(merges)}
+        self.sot, self.eot = self.encoder[SOT_TEXT], self.encoder[EOT_TEXT]
+        self.vocab_size = len(vocab)
+        self.cache = {SOT_TEXT: SOT_TEXT, EOT_TEXT: EOT_TEXT}
+
+    @staticmethod
+    def _read_merges(path):
+        hint = "pass CLIP's bpe_simple_vocab_16e6.txt.gz (openai/CLIP, clip/)."
+        check_input_file(path, "BPE merges file", hint)
+        try:
+            with gzip.open(path, "rb") as f:
+                lines = f.read().decode("utf-8").split("\n")
+        except (OSError, EOFError, zlib.error):
+            raise DataError(f"BPE merges file {path} is not gzip-compressed (or is truncated); {hint}") from None
+        except UnicodeDecodeError:
+            raise DataError(f"BPE merges file {path} is not UTF-8 text inside its gzip; {hint}") from None
+        if not lines[0].startswith("#version"):
+            raise DataError(f"BPE merges file {path} does not start with the '#version' header line of CLIP's "
+                            f"file; {hint}")
+        merges = []
+        for number, line in enumerate(lines[1:BPE_MERGES_USED + 1], start=1):
+            parts = line.split()
+            if not parts and number == len(lines) - 1:
+                break  # the file's final newline
+            if len(parts) != 2:
+                raise DataError(f"line {number} of BPE merges file {path} is {line[:60]!r}, not two "
+                                f"space-separated symbols; {hint}")
+            merges.append(tuple(parts))
+        if not merges:
+            raise DataError(f"BPE merges file {path} has no merges after its header line; {hint}")
+        return merges
+
+    def bpe(self, word):
+        """One word (byte characters) -> its BPE symbols joined by spaces: merge the lowest-ranked
+        adjacent pair until no listed pair is left. The last character carries `</w>`."""
+        if word in self.cache:
+            return self.cache[word]
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = set(zip(symbols[:-1], symbols[1:]))
+            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, math.inf))
+            if best not in self.bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence of `best`, left to right
+                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self.cache[word] = " ".join(symbols)
+        return self.cache[word]
+
+    def encode(self, text):
+        """A string -> BPE token ids (no start / end tokens)."""
+        ids = []
+        for word in CLIP_SPLIT.findall(clean_text(text)):
+            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[symbol] for symbol in self.bpe(word).split(" "))
+        return ids
+
+    def __call__(self, texts, context_length=77):
+        """A list of N strings -> (N, context_length) long ids."""
+        return pad_token_ids([self.encode(t) for t in texts], self.sot, self.eot, context_length)
+
+
+class WordTokenizer:
+    """A word-level vocabulary with CLIPTokenizer's interface, for the embedded benchmark:
+    id 0 padding, 1 .. W the given words in order, W + 1 start, W + 2 end (the largest id)."""
+
+    def __init__(self, words):
+        words = [w.lower() for w in words]
+        twice = next((w for w in words if words.count(w) > 1), None)
+        if twice is not None:
+            raise DataError(f"the word {twice!r} is listed twice in the vocabulary; list every word once.")
+        self.words = words
+        self.encoder = {w: i + 1 for i, w in enumerate(words)}
+        self.sot, self.eot = len(words) + 1, len(words) + 2
+        self.vocab_size = len(words) + 3
+
+    def encode(self, text):
+        """A string -> word ids (lower-cased, split on whitespace; no start / end tokens)."""
+        ids = []
+        for word in text.lower().split():
+            if word not in self.encoder:
+                raise DataError(f"the word {word!r} of the text {text[:60]!r} is not in the vocabulary; "
+                                f"add it to the word list or fix the text.")
+            ids.append(self.encoder[word])
+        return ids
+
+    def __call__(self, texts, context_length=77):
+        """A list of N strings -> (N, context_length) long ids."""
+        return pad_token_ids([self.encode(t) for t in texts], self.sot, self.eot, context_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-text: real datasets (MM-IMDb, UPMC Food-101, Hateful Memes in their published layouts)
+# ----------------------------------------------------------------------------------------------
+# Read straight from the raw files (MAP converts them to Arrow tables first; we do not). Every file
+# is checked when the dataset is built (exists, is a JPEG/PNG by its first bytes, labels valid), so a
+# bad file is named before any training; images are decoded and pre-processed per item.
+#
+#   MM-IMDb        <root>/images/<id>.jpeg, <root>/labels/<id>.json {"plot": [str, ...], "genres": [...]},
+#                  <root>/split.json {"train", "dev", "test": [id, ...]}; 23 genres, multi-label
+#   UPMC Food-101  <root>/images/{train,test}/<class>/<file>.jpg, <root>/texts/{train,test}_titles.csv
+#                  (rows: image file name, text, class; no header); 101 classes = sorted folders
+#   Hateful Memes  <root>/img/<id>.png, <root>/{train,dev_seen,test_seen}.jsonl (one object a line:
+#                  id, img ("img/<id>.png"), label 0/1, text)
+#
+# Deviations (each marked `# DEVIATION:` below):
+# - MM-IMDb: MAP's writer (vilt/utils/write_mmimdb.py, single_plot=False by default) makes one sample
+#   per plot of a movie (a movie with two plots appears twice); we take the first plot (MAP's
+#   single_plot=True), one sample per movie, so the splits have the published sizes
+#   15,552 / 2,608 / 7,799 and a missing table has one entry per movie.
+# - MM-IMDb: the label files also list IMDb genres that MM-IMDb dropped (Adult, News, Reality-TV,
+#   Talk-Show, as AOEPT's preprocess_datasets.py names them); MAP and AOEPT ignore every genre outside
+#   the 23. We ignore those four and refuse any other (a label file of another dataset would
+#   otherwise lose its labels silently).
+# - Food-101: MAP ships its own split.json (61,142 train / 6,846 val, both from the train CSV; AOEPT
+#   reuses it) and a class_idx.json in an unsorted order; neither is shipped here. With MAP's
+#   split.json copied to <root>/split.json its train / val lists of image file names are used;
+#   without it val is a fixed 10% of the train rows drawn with torch.Generator seed
+#   FOOD101_VAL_SEED, train the other 90%. Classes are sorted (not MAP's class_idx.json order).
+# - Hateful Memes: MAP reads dev.jsonl / test.jsonl (test_seen.jsonl renamed, DATA.md); we read
+#   dev_seen.jsonl and test_seen.jsonl by their published names.
+MMIMDB_GENRES = ("Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
+                 "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
+                 "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir")  # MAP's order
+MMIMDB_DROPPED_GENRES = ("Adult", "News", "Reality-TV", "Talk-Show")  # in the label files, not among the 23
+IMAGE_TEXT_TASKS = {
+    "mmimdb": {"kind": "multilabel", "metric": "f1_macro", "num_classes": 23},
+    "food101": {"kind": "single", "metric": "accuracy", "num_classes": 101},
+    "hatememes": {"kind": "binary", "metric": "auroc", "num_classes": 2},  # 2 logits, label long 0/1
+}
+IMAGE_TEXT_SPLITS = {  # our split -> the dataset's own name for it
+    "mmimdb": {"train": "train", "val": "dev", "test": "test"},
+    "food101": {"train": "train", "val": "train", "test": "test"},  # val: 10% of the train CSV
+    "hatememes": {"train": "train", "val": "dev_seen", "test": "test_seen"},
+}
+FOOD101_VAL_FRACTION, FOOD101_VAL_SEED = 0.1, 0
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def clip_preprocess(image, size=224):
+    """uint8 (3, h, w) -> (3, size, size) float: CLIP's resize of the shorter side (bicubic), centre
+    crop, /255, CLIP mean / std."""
+    return frames_to_input(image.unsqueeze(0), size, mean=CLIP_MEAN, std=CLIP_STD)[0]
+
+
+def _read_json_file(path, what, hint):
+    check_input_file(path, what, hint)
+    try:
+        return json.loads(_read_text(path, what))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}); {hint}") from None
+
+
+def _check_image_file(path, what):
+    check_input_file(path, what, "put the image there or remove the sample from the split files.")
+    _check_image_header(path)
+
+
+class ImageTextFiles(torch.utils.data.Dataset):
+    """Samples (image path, text, label) read lazily: each item is {'image': (3, S, S) CLIP-normalised,
+    'text': (C,) ids, 'label', 'index'}. `ids` names each sample in the dataset's own terms."""
+
+    def __init__(self, name, ids, image_paths, texts, labels, tokenizer, image_size=224, context_length=77):
+        if not ids:
+            raise DataError(f"{name} has no samples; check the data root and the split you asked for.")
+        self.name, self.ids, self.image_paths, self.texts = name, list(ids), list(image_paths), list(texts)
+        # single-label / binary: (N,) long; multi-label: (N, K) float multi-hot
+        self.labels = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], list) else torch.long)
+        self.tokenizer, self.image_size, self.context_length = tokenizer, image_size, context_length
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"image": clip_preprocess(read_image(self.image_paths[i]), self.image_size),
+                "text": self.tokenizer([self.texts[i]], self.context_length)[0],
+                "label": self.labels[i], "index": torch.tensor(i)}
+
+
+def mmimdb_samples(root, split):
+    """MM-IMDb split 'train' / 'dev' / 'test' -> (ids, image paths, first plots, multi-hot lists of 23)."""
+    split_path = os.path.join(root, "split.json")
+    hint = "MM-IMDb's split.json maps 'train', 'dev' and 'test' to lists of movie ids."
+    splits = _read_json_file(split_path, "MM-IMDb split file", hint)
+    if not isinstance(splits, dict) or not isinstance(splits.get(split), list):
+        raise DataError(f"{split_path} has no list {split!r}; {hint}")
+    if not splits[split]:
+        raise DataError(f"the {split!r} list of {split_path} is empty; use the split.json of MM-IMDb.")
+    genre_index = {g: k for k, g in enumerate(MMIMDB_GENRES)}
+    ids, paths, texts, labels = [], [], [], []
+    for movie in map(str, splits[split]):
+        image = os.path.join(root, "images", f"{movie}.jpeg")
+        label_path = os.path.join(root, "labels", f"{movie}.json")
+        if not os.path.isfile(image) or not os.path.isfile(label_path):
+            lacking = image if not os.path.isfile(image) else label_path
+            raise DataError(f"movie {movie} of the {split!r} list of {split_path} has no file {lacking}; "
+                            f"restore it from MM-IMDb or use the split.json that belongs to these files.")
+        _check_image_header(image)
+        meta = _read_json_file(label_path, "MM-IMDb label file", "it should hold 'plot' and 'genres' lists.")
+        plots, genres = (meta.get("plot"), meta.get("genres")) if isinstance(meta, dict) else (None, None)
+        if not isinstance(plots, list) or not plots or not all(isinstance(p, str) for p in plots) \
+                or not isinstance(genres, list):
+            raise DataError(f"MM-IMDb label file {label_path} needs a non-empty 'plot' list of strings and a "
+                            f"'genres' list; restore it from MM-IMDb.")
+        unknown = [g for g in genres if g not in genre_index and g not in MMIMDB_DROPPED_GENRES]
+        if unknown:
+            raise DataError(f"MM-IMDb label file {label_path} has the genre {unknown[0]!r}, not one of the 23 "
+                            f"of MM-IMDb ({', '.join(MMIMDB_GENRES)}); fix or remove the file.")
+        multi_hot = [0.0] * len(MMIMDB_GENRES)
+        for g in genres:
+            if g in genre_index:
+                multi_hot[genre_index[g]] = 1.0
+        ids.append(movie)
+        paths.append(image)
+        texts.append(plots[0])  # DEVIATION: MAP makes one sample per plot; we take the first (see above)
+        labels.append(multi_hot)
+    return ids, paths, texts, labels
+
+
+def food101_classes(root):
+    """The 101 class names: the sorted folder names of <root>/images/train."""
+    folder = os.path.join(root, "images", "train")
+    if not os.path.isdir(folder):
+        raise DataError(f"UPMC Food-101 image folder {folder} does not exist; pass the folder that holds "
+                        f"images/ and texts/ as the data root.")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise DataError(f"UPMC Food-101 image folder {folder} has no class folders; unpack the images there.")
+    return classes
+
+
+def food101_samples(root, split):
+    """UPMC Food-101 'train' / 'val' / 'test' -> (file names, image paths, texts, class indices)."""
+    classes = food101_classes(root)
+    class_index = {c: k for k, c in enumerate(classes)}
+    csv_split = "test" if split == "test" else "train"
+    csv_path = os.path.join(root, "texts", f"{csv_split}_titles.csv")
+    check_input_file(csv_path, "UPMC Food-101 text file", "it lists `image file name,text,class` per line.")
+    rows = [r for r in csv.reader(_read_text(csv_path, "UPMC Food-101 text file").splitlines()) if r]
+    if rows and not rows[0][0].strip().lower().endswith(IMAGE_SUFFIXES):
+        rows = rows[1:]  # a header line (some copies have one)
+    if not rows:
+        raise DataError(f"UPMC Food-101 text file {csv_path} has no rows; restore it from UPMC Food-101.")
+    ids, paths, texts, labels = [], [], [], []
+    for number, row in enumerate(rows, start=1):
+        if len(row) < 3:
+            raise DataError(f"row {number} of {csv_path} is {','.join(row)[:60]!r}; every row needs "
+                            f"`image file name,text,class`.")
+        # the text may hold unquoted commas: the first field is the file, the last the class
+        file, text, cls = row[0].strip(), ",".join(row[1:-1]), row[-1].strip()
+        if cls not in class_index:
+            raise DataError(f"row {number} of {csv_path} has the class {cls!r}, which has no folder in "
+                            f"{os.path.join(root, 'images', 'train')}; fix the row or add the folder.")
+        image = os.path.join(root, "images", csv_split, cls, file)
+        if not os.path.isfile(image):
+            raise DataError(f"row {number} of {csv_path} names the image {image}, which does not exist; "
+                            f"restore the image or remove the row.")
+        _check_image_header(image)
+        ids.append(file)
+        paths.append(image)
+        texts.append(text)
+        labels.append(class_index[cls])
+    map_split = os.path.join(root, "split.json")
+    if split != "test" and os.path.isfile(map_split):  # MAP's split file: its lists of image file names
+        hint = "MAP's Food101/split.json maps 'train', 'val', 'test' to lists of image file names."
+        lists = _read_json_file(map_split, "UPMC Food-101 split file", hint)
+        if not isinstance(lists, dict) or not isinstance(lists.get(split), list) or not lists[split]:
+            raise DataError(f"{map_split} has no non-empty list {split!r}; {hint}")
+        row_of = {file: i for i, file in enumerate(ids)}
+        absent = next((f for f in lists[split] if f not in row_of), None)
+        if absent is not None:
+            raise DataError(f"{map_split} lists {absent!r} in {split!r}, which is not a row of {csv_path}; "
+                            f"use the split.json that belongs to this copy of UPMC Food-101, or remove it.")
+        keep = [row_of[f] for f in lists[split]]
+        ids, paths, texts, labels = ([v[i] for i in keep] for v in (ids, paths, texts, labels))
+    elif split != "test":
+        # DEVIATION: MAP's fixed val list is not shipped; a seeded 10% of the train rows (see above)
+        g = torch.Generator().manual_seed(FOOD101_VAL_SEED)
+        order = torch.randperm(len(ids), generator=g)
+        n_val = round(FOOD101_VAL_FRACTION * len(ids))
+        keep = sorted(order[:n_val].tolist() if split == "val" else order[n_val:].tolist())
+        ids, paths, texts, labels = ([v[i] for i in keep] for v in (ids, paths, texts, labels))
+    return ids, paths, texts, labels
+
+
+HATEMEMES_FIELDS = ("id", "img", "label", "text")
+
+
+def hatememes_samples(root, split):
+    """Hateful Memes 'train' / 'dev_seen' / 'test_seen' -> (ids, image paths, texts, labels 0/1)."""
+    path = os.path.join(root, f"{split}.jsonl")
+    check_input_file(path, "Hateful Memes list", "Hateful Memes has train.jsonl, dev_seen.jsonl and test_seen.jsonl.")
+    ids, paths, texts, labels = [], [], [], []
+    for number, line in enumerate(_read_text(path, "Hateful Memes list").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"line {number} of {path} is not valid JSON ({err.msg}); each line is one object "
+                            f"with {', '.join(HATEMEMES_FIELDS)}.") from None
+        if not isinstance(entry, dict):
+            raise DataError(f"line {number} of {path} is not a JSON object; each line is one object "
+                            f"with {', '.join(HATEMEMES_FIELDS)}.")
+        if "label" not in entry:
+            raise DataError(f"line {number} of {path} has no 'label' (the unlabelled test.jsonl of the challenge?); "
+                            f"evaluate on test_seen.jsonl, which carries the labels.")
+        lacking = [k for k in HATEMEMES_FIELDS if k not in entry]
+        if lacking or entry["label"] not in (0, 1) or isinstance(entry["label"], bool):
+            what = f"no {lacking[0]!r}" if lacking else f"label {entry['label']!r}"
+            raise DataError(f"line {number} of {path} has {what}; each line needs id, img, label (0 or 1) and text.")
+        image = os.path.join(root, str(entry["img"]))
+        if not os.path.isfile(image):
+            raise DataError(f"line {number} of {path} names the image {image}, which does not exist; "
+                            f"put the img/ folder next to {os.path.basename(path)}.")
+        _check_image_header(image)
+        ids.append(str(entry["id"]))
+        paths.append(image)
+        texts.append(str(entry["text"]))
+        labels.append(int(entry["label"]))
+    return ids, paths, texts, labels
+
+
+IMAGE_TEXT_READERS = {"mmimdb": mmimdb_samples, "food101": food101_samples, "hatememes": hatememes_samples}
+
+
+def image_text_split(dataset, root, split, tokenizer, image_size=224, context_length=77):
+    """One split ('train' / 'val' / 'test') of a real image-text dataset -> an ImageTextFiles."""
+    if dataset not in IMAGE_TEXT_READERS:
+        raise DataError(f"unknown image-text dataset {dataset!r}; choose one of {', '.join(IMAGE_TEXT_READERS)}.")
+    if split not in ("train", "val", "test"):
+        raise DataError(f"unknown split {split!r}; choose train, val or test.")
+    if not os.path.isdir(root):
+        raise DataError(f"data root {root} is not a folder; pass the folder that holds the {dataset} files.")
+    own = split if dataset == "food101" else IMAGE_TEXT_SPLITS[dataset][split]
+    ids, paths, texts, labels = IMAGE_TEXT_READERS[dataset](root, own)
+    return ImageTextFiles(f"{dataset} {split} ({root})", ids, paths, texts, labels, tokenizer,
+                          image_size, context_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-text: missing tables (MAP's protocol)
+# ----------------------------------------------------------------------------------------------
+# A missing table holds one code per sample: 0 complete, 1 text missing, 2 image missing. MAP draws
+# it once per (split, type, rate), saves it and reuses it, so every method sees the same missing
+# samples. kind 'text' / 'image': round(rate n) samples lack that modality; 'both' (MAP's default,
+# rate 0.7): of the m = round(rate n) incomplete samples, m - floor(m / 2) lack text and floor(m / 2)
+# lack the image (an odd m gives text the extra one, as MAP's int(m * 0.5) image-missing samples do);
+# none lacks both. A missing text becomes "" (only the start and end tokens), a missing image a
+# placeholder: "ones" (all ones after normalisation: MAP; AOEPT's ViLT path), "zeros" (zeros after
+# normalisation: CMPT), "black" (a black image before normalisation, -mean / std: AOEPT's CLIP path).
+# DEVIATION: MAP draws with Python's global `random` (seed 0) and floors rate * n; we draw from a
+# torch.Generator seeded by `seed` and round, so our tables are not MAP's sample for sample (MAP
+# ships none to compare with).
+MISSING_TABLE_KINDS = ("text", "image", "both")
+MISSING_CODES = {"complete": 0, "text": 1, "image": 2}
+IMAGE_PLACEHOLDERS = ("ones", "zeros", "black")
+
+
+def missing_table(n, kind, rate, seed=0):
+    """-> (n,) long codes: 0 complete, 1 text missing, 2 image missing (see the section comment)."""
+    if kind not in MISSING_TABLE_KINDS:
+        raise DataError(f"unknown missing kind {kind!r}; choose one of {', '.join(MISSING_TABLE_KINDS)}.")
+    if not 0 <= rate <= 1:
+        raise DataError(f"a missing rate is a fraction in [0, 1], not {rate}; pass e.g. 0.7 for 70%.")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)  # (n,)
+    m = round(rate * n)
+    table = torch.zeros(n, dtype=torch.long)  # (n,)
+    if kind == "text":
+        table[order[:m]] = MISSING_CODES["text"]
+    elif kind == "image":
+        table[order[:m]] = MISSING_CODES["image"]
+    else:
+        n_image = m // 2
+        table[order[:m - n_image]] = MISSING_CODES["text"]
+        table[order[m - n_image:m]] = MISSING_CODES["image"]
+    return table
+
+
+def missing_table_path(folder, dataset, split, kind, rate, seed):
+    """<folder>/missing_<dataset>_<split>_<kind>_<rate in %>_seed<seed>.json, e.g. ..._both_70_seed0.json."""
+    return os.path.join(folder, f"missing_{dataset}_{split}_{kind}_{100 * rate:g}_seed{seed}.json")
+
+
+def load_or_make_missing_table(path, ids, kind, rate, seed=0):
+    """The missing table for samples `ids` (kept as strings): read from `path` when it was made for
+    the same ids and settings, else drawn and written (whole); a file made otherwise is refused."""
+    ids = [str(i) for i in ids]
+    settings = {"kind": kind, "rate": rate, "seed": seed}
+    if os.path.exists(path):
+        hint = "delete it or choose another folder for the missing tables."
+        saved = _read_json_file(path, "missing table", hint)
+        if not isinstance(saved, dict) or not all(k in saved for k in ("kind", "rate", "seed", "ids", "missing")):
+            raise DataError(f"{path} is not a missing table (kind, rate, seed, ids, missing); {hint}")
+        if {k: saved[k] for k in settings} != settings:
+            raise DataError(f"missing table {path} was made for kind={saved['kind']}, rate={saved['rate']}, "
+                            f"seed={saved['seed']}, not kind={kind}, rate={rate}, seed={seed}; {hint}")
+        if saved["ids"] != ids:
+            raise DataError(f"missing table {path} was made for other samples ({len(saved['ids'])} ids, not these "
+                            f"{len(ids)}); {hint}")
+        table = torch.tensor(saved["missing"], dtype=torch.long)
+        if table.shape != (len(ids),) or not bool(((table >= 0) & (table <= 2)).all()):
+            raise DataError(f"missing table {path} does not hold one code 0, 1 or 2 per sample; {hint}")
+        return table
+    table = missing_table(len(ids), kind, rate, seed)
+    common.write_json(path, {**settings, "ids": ids, "missing": table.tolist()})
+    return table
+
+
+def missing_image(placeholder, shape, mean=CLIP_MEAN, std=CLIP_STD):
+    """The normalised stand-in for a missing image, (3, H, W) float (see the section comment)."""
+    if placeholder == "ones":
+        return torch.ones(shape)
+    if placeholder == "zeros":
+        return torch.zeros(shape)
+    if placeholder == "black":
+        # a black image (0) through the normalisation: (0 - mean_c) / std_c per channel
+        return (-torch.tensor(mean) / torch.tensor(std))[:, None, None].expand(shape).clone()
+    raise DataError(f"unknown image placeholder {placeholder!r}; choose one of {', '.join(IMAGE_PLACEHOLDERS)}.")
+
+
+def with_missing_table(dataset, missing, tokenizer, context_length=77, image_placeholder="ones"):
+    """Items carry 'missing'; a missing text is the tokenised "" and a missing image the placeholder.
+    In-memory AVTensors get new tensors; a dataset read from files is wrapped item by item."""
+    missing = torch.as_tensor(missing, dtype=torch.long)
+    if missing.shape != (len(dataset),):
+        raise DataError(f"the missing table has {missing.numel()} codes for {len(dataset)} samples; "
+                        f"make it for this split (same ids).")
+    if not bool(((missing >= 0) & (missing <= 2)).all()):
+        raise DataError("a missing table holds the codes 0 (complete), 1 (text missing) and 2 (image missing) only.")
+    if image_placeholder not in IMAGE_PLACEHOLDERS:
+        raise DataError(f"unknown image placeholder {image_placeholder!r}; choose one of "
+                        f"{', '.join(IMAGE_PLACEHOLDERS)}.")
+    empty_text = tokenizer([""], context_length)[0]  # (C,) [sot, eot, 0, ...]
+    if not isinstance(dataset, AVTensors):
+        return MissingImageText(dataset, missing, empty_text, image_placeholder)
+    f = dataset.fields
+    if f["text"].shape[1] != context_length:
+        raise DataError(f"the texts have {f['text'].shape[1]} tokens, not context_length = {context_length}; "
+                        f"pass the context length they were tokenised with.")
+    blank = missing_image(image_placeholder, f["image"].shape[1:])  # (3, H, W)
+    text = torch.where((missing == 1)[:, None], empty_text[None], f["text"])  # (N, C)
+    image = torch.where((missing == 2)[:, None, None, None], blank[None].to(f["image"].dtype), f["image"])  # (N, 3, H, W)
+    return dataset.with_fields(text=text, image=image, missing=missing)
+
+
+class MissingImageText(torch.utils.data.Dataset):
+    """A dataset read on demand, with text / image replaced per item as `with_missing_table` does."""
+
+    def __init__(self, dataset, missing, empty_text, image_placeholder):
+        self.dataset, self.missing, self.empty_text = dataset, missing, empty_text
+        self.image_placeholder = image_placeholder
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = dict(self.dataset[i])
+        if self.missing[i] == 1:
+            item["text"] = self.empty_text.clone()
+        if self.missing[i] == 2:
+            item["image"] = missing_image(self.image_placeholder, item["image"].shape).to(item["image"].dtype)
+        return {**item, "missing": self.missing[i]}
 
 
 # ----------------------------------------------------------------------------------------------
