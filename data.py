@@ -1239,13 +1239,13 @@ IT_TASKS = {  # task -> what the papers' table reports on the dataset it stands 
 IT_EMBEDDED = dict(
     n_train=2000, n_val=200, n_test=1024,  # per task; 1,024 test samples = 16 batches of 64
     image_size=48, max_count=4,
-    size_px=(3.5, 5.5, 7.5),  # object radius (px of a 48 x 48 picture) of small / medium / large
-    pattern_period=3.0, pattern_contrast=0.45,  # the fine inner pattern
-    shape_jitter=0.35,  # relative std of a shape's modulation depth
+    size_px=(4.5, 6.5, 8.5),  # object radius (px of a 48 x 48 picture) of small / medium / large
+    pattern_period=4.0, pattern_contrast=0.6,  # the fine inner pattern
+    shape_jitter=0.2,  # relative std of a shape's modulation depth
     p_mention=0.8,  # each per-sample attribute is named with this probability
     food_p_dish=0.8,  # a food title names the dish (else only its group)
     imdb_genre_freq=(0.45, 0.33, 0.25, 0.2, 0.16, 0.13, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03),
-    imdb_p_motif=0.6, imdb_p_cue=0.75, imdb_p_false_cue=0.04, imdb_words=(15, 40),
+    imdb_p_motif=0.75, imdb_p_cue=0.85, imdb_p_false_cue=0.04, imdb_words=(15, 40),
     memes_flip=0.1,
 )
 IT_COLOURS = (("red", 0.0), ("orange", 0.08), ("yellow", 0.15), ("green", 0.33), ("cyan", 0.5), ("blue", 0.62),

@@ -6,6 +6,10 @@
     python train.py --data read --train-json train.json --val-json test.json --label-csv labels.csv --out src.pt
     python train.py --method cmpt --data read --checkpoint src.pt --train-json train.json --val-json test.json \\
         --label-csv labels.csv               # the same protocols on your READ-layout data
+    python train.py --data food          # image-text: the frozen tiny CLIP (pre-trained first if missing), its
+                                         # retrieval and each modality's linear probe on an embedded task
+    python train.py --data mmimdb --data-root mmimdb/ --config base --checkpoint ViT-B-16.pt \\
+        --bpe bpe_simple_vocab_16e6.txt.gz   # the same with OpenAI's CLIP on the real MM-IMDb files
 
 The source model is made the CAV-MAE way, on clean data: self-supervised pre-training
 (`pretrain`: common.pretrain_losses, masked reconstruction + audio-visual contrastive, the paper's
@@ -13,6 +17,12 @@ weights 1 and 0.01), then supervised fine-tuning (`finetune`) with cross-entropy
 logits plus, with half the weight each, the audio-only and video-only logits (CAV-MAE's unimodal
 paths, which the methods use). It prints the clean accuracies and the audio-to-video retrieval of
 the pre-trained and the fine-tuned model (`retrieval`).
+
+The image-text backbone (`--data food | imdb | memes`) is a tiny CLIP pre-trained with CLIP's objective
+on the training pairs of the three embedded tasks together (`pretrain_clip`), then frozen; the
+papers freeze OpenAI's CLIP ViT-B/16 (`--config base --checkpoint ViT-B-16.pt --bpe ...`). What it
+prints: image -> text retrieval in test batches of 64, and a linear probe per modality (image
+embedding, text embedding, both concatenated) with the task's metric (`modality_probes`).
 
 Deviation: CAV-MAE starts from ImageNet MAE weights and trains for 25 epochs of AudioSet-2M at Adam
 5e-5; ours starts from scratch on the embedded benchmark, so one-cycle schedules with larger peak
@@ -227,7 +237,7 @@ def train_source(args, quiet=False):
 # with CLIP's objective (common.clip_loss: symmetric InfoNCE over the batch, learnable temperature
 # from 0.07) on the training pairs of the three embedded tasks together, as one CLIP serves the
 # three datasets; the labels are never used. Then it is frozen: the methods start from it.
-CLIP_PRETRAIN = dict(epochs=30, lr=2e-3, batch_size=64, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, warmup=0.1)
+CLIP_PRETRAIN = dict(epochs=25, lr=2e-3, batch_size=64, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, warmup=0.1)
 IMAGE_TEXT_DATA = tuple(data.IT_TASKS)  # embedded tasks: food, imdb, memes
 REAL_IMAGE_TEXT = ("mmimdb", "food101", "hatememes")  # the papers' datasets, read from their raw layouts
 
@@ -321,7 +331,7 @@ def task_loss(kind, logits, label):
     return F.binary_cross_entropy_with_logits(logits, label) if kind == "multilabel" else F.cross_entropy(logits, label)
 
 
-def linear_probe(kind, num_classes, x_train, y_train, x_test, y_test, steps=300, lr=1e-2, weight_decay=1e-3, seed=0):
+def linear_probe(kind, num_classes, x_train, y_train, x_test, y_test, steps=500, lr=5e-3, weight_decay=1e-3, seed=0):
     """A linear head trained full-batch (AdamW) on frozen features (standardised with the training
     statistics); -> the task metric on the test features."""
     torch.manual_seed(seed)
@@ -351,10 +361,8 @@ def modality_probes(model, kind, num_classes, train_set, test_set, device, seed=
 
 
 def train_set_labels(dataset):
-    """Every label of a dataset: the in-memory field, or read item by item from a dataset on disk."""
-    if isinstance(dataset, data.AVTensors):
-        return dataset.fields["label"]
-    return torch.stack([torch.as_tensor(dataset[i]["label"]) for i in range(len(dataset))])
+    """Every label of a dataset: the in-memory field, or the labels a dataset on disk keeps (data.ImageTextFiles)."""
+    return dataset.fields["label"] if isinstance(dataset, data.AVTensors) else dataset.labels
 
 
 def train_clip_source(config="tiny", data_seed=0, seed=0, device="cpu", epochs=None, out=None, quiet=False):
