@@ -365,17 +365,21 @@ class SAR(Episodic):
         e = rho g / ||g||_2, g = dL/dtheta, rho = 0.05                                 Eq. (4)
         forward again at theta + e; keep again (Ent < E0) among the first kept; L2 = their mean
         entropy; step Adam from theta with dL2/dtheta at theta + e
-        ema <- 0.9 ema + 0.1 L2 (first: L2); ema < e_m = 0.2 -> reload source weights
-        and optimiser state                                                            Eq. (recovery)
+        ema <- 0.9 ema + 0.1 L2 (first: L2); ema < e_m = 0.2 -> reload the source weights,
+        keep Adam's moments and step count                                             Eq. (recovery)
     Parameters: the LayerNorms of the modality-specific blocks except the top two (BriMPR's walk; on
     the multimodal path only norm1 / norm2 get gradient). Adam 1e-4 (SAM wraps Adam in BriMPR's code;
     here the ascent step is written out and `optimizer` is the Adam), batch 64. The prediction is the
-    first forward's. As in the public code, the low ema survives a recovery (recovery fires again
-    until the average rises), an empty selection still lets Adam step (zero gradient, momentum
-    only), and the recovery equation's number is not verified.
+    first forward's. As in the public code, a recovery reloads the weights only (BriMPR's SAM
+    wrapper restores its own, empty, state, so the Adam inside keeps its moments and step count),
+    the low ema survives a recovery (recovery fires again until the average rises), an empty
+    selection still lets Adam step (zero gradient, momentum only), and the recovery equation's
+    number is not verified.
 
     Deviations (`# DEVIATION:` below): no fp16 autocast; the "top two blocks" rule for depths other
-    than 11 (see lower_block_norms).
+    than 11 (see lower_block_norms); reset() between corruption types (and seeds) restores Adam's
+    state too, as the protocol says (BriMPR's run.py resets through the same SAM wrapper, so Adam's
+    state carries over from one corruption type to the next there).
     """
     BATCH_SIZE = 64
     E0_FACTOR = 0.4  # E0 = 0.4 ln C; SAR.py margin_e0
@@ -421,12 +425,18 @@ class SAR(Episodic):
         self.optimizer.step()
         self.losses = {"ent": loss1.item(), "sam": loss2.item(), "kept": int(keep.sum()) / len(ent)}
         if self.ema is not None and self.ema < self.reset_em:
-            # SAR Eq. (recovery) reload the source weights and optimiser state; the ema is kept
-            super().reset()
-            self.recoveries += 1
+            self.recover()
         return logits.detach()
 
+    def recover(self):
+        """SAR's model recovery as BriMPR's code does it: the source weights back, Adam's state and the ema kept."""
+        # SAR Eq. (recovery) reload the source weights only: SAM's load_state_dict leaves the base Adam's state
+        self.model.load_state_dict(self.model_state, strict=True)
+        self.recoveries += 1
+
     def reset(self):
+        # DEVIATION: BriMPR's run.py resets SAR through its SAM wrapper, which keeps Adam's moments and step
+        # count across corruption types; we restore the optimiser too, as the protocol (model AND optimiser) says.
         super().reset()
         self.ema = None
 
