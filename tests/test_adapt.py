@@ -198,6 +198,7 @@ def test_results_files_are_named_by_what_was_run():
     assert len(set(narrower + [wide])) == len(narrower) + 1  # no two selections share a file
     assert narrower[0].endswith("adapt_source-tent_video_fog.json")
     assert path(["--method", "abpem", "--no-cache"]) != path(["--method", "abpem"])
+    assert path(["--method", "eata", "--eata-redundancy", "0.4"]).endswith("adapt_source-eata_video_eataeps0.4.json")
     many = path(["--method", "tent", "--corruption", ",".join(adapt.corruption_list("video", "all")[:9])])
     assert len(os.path.basename(many)) < 80  # long selections get a short hash tag
 
@@ -241,6 +242,7 @@ def test_checkpoint_of_another_data_seed_is_refused(tmp_path):
     (["--checkpoint", "DIR"], "is a folder, not a checkpoint file"),
     (["--checkpoint", "TEXT"], "is a text file (starting 'my notes'), not a PyTorch checkpoint"),
     (["--method", "tent", "--no-cache"], "--no-cache switches off ABPEM's feature cache; add abpem"),
+    (["--method", "tent", "--eata-redundancy", "0.4"], "--eata-redundancy sets EATA's redundancy margin; add eata"),
     (["--label-csv", "TEXT"], "--label-csv applies to --data read only"),
     (["--seeds", "2", "2"], "--seeds 2 2 repeats a seed"),
     (["--corruption", "fog,fog"], "--corruption names fog twice"),

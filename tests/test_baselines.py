@@ -241,6 +241,23 @@ def test_eata_redundancy_filter_from_the_second_batch(tiny_batch):
     assert adapter.m is None
 
 
+def test_eata_redundancy_margin_default_and_flag(tiny_batch):
+    # m uniform over 10 classes, p one-hot: cos = (1/10) / (1 * sqrt(10) / 10) = 1 / sqrt(10) = 0.316228, the
+    # smallest |cos| any p can have (|p| <= 1): dropped by BriMPR's 0.1 (and EATA's 0.05), kept by 0.4
+    one_hot = torch.zeros(1, 10, dtype=D)
+    one_hot[0, 3] = 1
+    assert abs(adapt.eata_cosine(one_hot, torch.full((10,), 0.1, dtype=D)).item() - 0.316228) < 1e-6
+    torch.manual_seed(0)
+    assert adapt.EATA.setup(CAVMAE("tiny"), ctx()).epsilon == 0.1  # BriMPR run.py --d_margin
+    flagged = SimpleNamespace(**vars(ctx()), eata_redundancy=0.4)  # adapt.py --eata-redundancy 0.4
+    model = CAVMAE("tiny")
+    adapter = adapt.EATA.setup(model, flagged)
+    assert adapter.epsilon == 0.4
+    adapter(tiny_batch)  # m set
+    adapter.reset()
+    assert adapter.epsilon == 0.4 and adapter.m is None  # reset keeps the margin
+
+
 def test_sar_steps_with_the_gradient_at_the_perturbed_point(tiny_batch):
     model, start, adapter = make("sar")
     keep_everything(adapter)
