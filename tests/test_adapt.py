@@ -122,6 +122,33 @@ def test_runner_on_read_layout(tmp_path):
     assert 0 <= acc <= 100 and abs(acc / 12.5 - round(acc / 12.5)) < 1e-5
 
 
+def test_runner_both_modalities_on_read_layout_counts_dropped_clips(tmp_path, capsys):
+    argv = read_layout_argv(tmp_path, "source") + ["--modality", "both", "--corruption", "gaussian_noise+wind"]
+    audio = tmp_path / "audio" / "wind" / "severity_5.json"
+    entries = json.loads(audio.read_text())["data"]
+    audio.write_text(json.dumps({"data": entries[1:]}))  # clip0 has no corrupted WAV
+    out = tmp_path / "r.json"
+    adapt.main(argv + ["--batch-size", "5", "--results", str(out)])
+    video = tmp_path / "video" / "gaussian_noise" / "severity_5.json"
+    assert (f"dropped 1 of 6 clips of {video} missing from the audio list and 0 of 5 clips of {audio} missing "
+            f"from the video list") in capsys.readouterr().err
+    # the 5 clips left in one batch of 5: the accuracy is a multiple of 100 / 5 = 20
+    acc = json.loads(out.read_text())["accuracy"]["gaussian_noise+wind"]["source"]["mean"]
+    assert abs(acc / 20 - round(acc / 20)) < 1e-5
+
+
+def test_runner_refuses_a_checkpoint_holding_nan(tmp_path):
+    argv = read_layout_argv(tmp_path, "source")
+    model = CAVMAE("tiny", num_classes=3)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    common.save_checkpoint(str(tmp_path / "tiny3.pt"), model)
+    with pytest.raises(SystemExit) as e:
+        adapt.main(argv + ["--results", str(tmp_path / "r.json")])
+    assert str(e.value).startswith(f"error: {tmp_path / 'tiny3.pt'} holds NaN or infinite values in norm.weight; ")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_runner_refuses_a_checkpoint_with_other_classes(tmp_path):
     ckpt = tmp_path / "k50.pt"
     common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=50))
