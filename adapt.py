@@ -294,21 +294,26 @@ class EATA(Episodic):
     ctx.source_batch(2000, seed 0) (2,000 of the clean training clips BriMPR's statistics come from)
     cut into batches of 64 in order, computed at set-up and
     not cached to disk (the public code shuffles with python's global RNG and caches a pickle).
-    Caution (arithmetic): for m near uniform, cos(p, m) >= 1 / sqrt(C) for every p (0.32 for C = 10,
-    0.14 for C = 50), so with epsilon = 0.1 the redundancy filter rejects every sample then.
+
+    The redundancy margin epsilon: BriMPR's run.py defaults to 0.1 (its comment lists "0.4 / 0.1 /
+    0.05" without saying which goes with which dataset); the original EATA uses 0.05 on ImageNet.
+    Caution (arithmetic): softmax vectors are non-negative, so for m near uniform over C classes
+    cos(p, m) = sum_k p_k / (sqrt(C) |p|) >= 1 / sqrt(C) for every p (sum_k p_k = 1 >= |p|):
+    0.32 for C = 10, 0.14 for C = 50, 0.057 for C = 309. So epsilon = 0.1 keeps NO sample at 10 or
+    50 classes once m is near uniform; 0.4 (`--eata-redundancy 0.4`) is the diagnostic row.
     """
     BATCH_SIZE = 64
     E0_FACTOR = 0.4  # E0 = 0.4 ln C; EATA.py e_margin
-    EPSILON = 0.1  # redundancy margin; BriMPR run.py --d_margin default (class default 0.05 overridden)
+    EPSILON = 0.1  # redundancy margin; BriMPR run.py --d_margin default (class default 0.05 overridden); --eata-redundancy
     BETA = 1.0  # Fisher weight; BriMPR run.py --fisher_alpha default (class default 2000 overridden)
     FISHER_SIZE = 2000  # clean clips for the Fisher; BriMPR run.py fisher_size
     FISHER_BATCH = 64  # batch of the Fisher pass; BriMPR run.py -b
     FISHER_SEED = 0  # which clips; BriMPR's statistics use the first 32 of the same draw
 
-    def __init__(self, model, params, num_classes, fisher):
+    def __init__(self, model, params, num_classes, fisher, epsilon=EPSILON):
         super().__init__(model, params)
         self.params = params
-        self.e0, self.epsilon, self.beta = entropy_margin(num_classes, self.E0_FACTOR), self.EPSILON, self.BETA
+        self.e0, self.epsilon, self.beta = entropy_margin(num_classes, self.E0_FACTOR), epsilon, self.BETA
         self.fisher = fisher  # list like params
         self.anchor = [p.detach().clone() for p in params]  # theta0, the source values
         self.m = None  # moving average of the kept predictions (K,)
@@ -324,7 +329,8 @@ class EATA(Episodic):
         # DEVIATION: the public code draws 2000 clips with python's global RNG; ours are source_batch's first n.
         batches = [{k: v[i:i + cls.FISHER_BATCH] for k, v in clean.items()} for i in range(0, n, cls.FISHER_BATCH)]
         fisher = fisher_diagonal(lambda b: model(b["audio"], b["video"]), params, batches)
-        return cls(model, params, ctx.num_classes, fisher)
+        epsilon = getattr(ctx, "eata_redundancy", None)  # adapt.py --eata-redundancy; None: BriMPR's 0.1
+        return cls(model, params, ctx.num_classes, fisher, cls.EPSILON if epsilon is None else epsilon)
 
     def __call__(self, batch):
         # DEVIATION: the public code runs this forward under fp16 autocast with a GradScaler; fp32 here.
@@ -365,17 +371,21 @@ class SAR(Episodic):
         e = rho g / ||g||_2, g = dL/dtheta, rho = 0.05                                 Eq. (4)
         forward again at theta + e; keep again (Ent < E0) among the first kept; L2 = their mean
         entropy; step Adam from theta with dL2/dtheta at theta + e
-        ema <- 0.9 ema + 0.1 L2 (first: L2); ema < e_m = 0.2 -> reload source weights
-        and optimiser state                                                            Eq. (recovery)
+        ema <- 0.9 ema + 0.1 L2 (first: L2); ema < e_m = 0.2 -> reload the source weights,
+        keep Adam's moments and step count                                             Eq. (recovery)
     Parameters: the LayerNorms of the modality-specific blocks except the top two (BriMPR's walk; on
     the multimodal path only norm1 / norm2 get gradient). Adam 1e-4 (SAM wraps Adam in BriMPR's code;
     here the ascent step is written out and `optimizer` is the Adam), batch 64. The prediction is the
-    first forward's. As in the public code, the low ema survives a recovery (recovery fires again
-    until the average rises), an empty selection still lets Adam step (zero gradient, momentum
-    only), and the recovery equation's number is not verified.
+    first forward's. As in the public code, a recovery reloads the weights only (BriMPR's SAM
+    wrapper restores its own, empty, state, so the Adam inside keeps its moments and step count),
+    the low ema survives a recovery (recovery fires again until the average rises), an empty
+    selection still lets Adam step (zero gradient, momentum only), and the recovery equation's
+    number is not verified.
 
     Deviations (`# DEVIATION:` below): no fp16 autocast; the "top two blocks" rule for depths other
-    than 11 (see lower_block_norms).
+    than 11 (see lower_block_norms); reset() between corruption types (and seeds) restores Adam's
+    state too, as the protocol says (BriMPR's run.py resets through the same SAM wrapper, so Adam's
+    state carries over from one corruption type to the next there).
     """
     BATCH_SIZE = 64
     E0_FACTOR = 0.4  # E0 = 0.4 ln C; SAR.py margin_e0
@@ -421,12 +431,18 @@ class SAR(Episodic):
         self.optimizer.step()
         self.losses = {"ent": loss1.item(), "sam": loss2.item(), "kept": int(keep.sum()) / len(ent)}
         if self.ema is not None and self.ema < self.reset_em:
-            # SAR Eq. (recovery) reload the source weights and optimiser state; the ema is kept
-            super().reset()
-            self.recoveries += 1
+            self.recover()
         return logits.detach()
 
+    def recover(self):
+        """SAR's model recovery as BriMPR's code does it: the source weights back, Adam's state and the ema kept."""
+        # SAR Eq. (recovery) reload the source weights only: SAM's load_state_dict leaves the base Adam's state
+        self.model.load_state_dict(self.model_state, strict=True)
+        self.recoveries += 1
+
     def reset(self):
+        # DEVIATION: BriMPR's run.py resets SAR through its SAM wrapper, which keeps Adam's moments and step
+        # count across corruption types; we restore the optimiser too, as the protocol (model AND optimiser) says.
         super().reset()
         self.ema = None
 
@@ -612,6 +628,8 @@ def results_path(args, names):
         tag.append("nocache")
     if args.hidden_lr_scale != 1.0:
         tag.append(f"hiddenlr{args.hidden_lr_scale:g}")
+    if "eata" in names and args.eata_redundancy is not None:
+        tag.append(f"eataeps{args.eata_redundancy:g}")
     if args.data != "embedded":
         tag.append(f"read-{args.dataset}")
     elif args.data_seed != 0:
@@ -664,7 +682,7 @@ def run(args):
     ckpt = args.checkpoint or train.default_checkpoint("embedded", args.config or "tiny")
     ctx = SimpleNamespace(dataset=dataset, modality=args.modality, num_classes=model.num_classes, device=device,
                           continual=args.continual, cache_prefix=os.path.splitext(ckpt)[0],
-                          data_seed=args.data_seed, use_cache=not args.no_cache,
+                          data_seed=args.data_seed, use_cache=not args.no_cache, eata_redundancy=args.eata_redundancy,
                           source_id="embedded" if args.data == "embedded" else os.path.abspath(source_json(args)),
                           source_batch=source_batch_fn(args, model, device))
     adapters = {n: Source(model) if n == "source" else m.setup(copy.deepcopy(model), ctx) for n, m in methods.items()}
@@ -812,6 +830,10 @@ def build_parser():
                    help="diagnostic: multiply the learning rate of the hidden weight matrices every method updates "
                         "(READ's and ABPEM's q, k, v) by this; 12 = 768 / 64 is the muP width correction of the tiny "
                         "model (default: 1, the papers' learning rates)")
+    p.add_argument("--eata-redundancy", type=train.positive_float, default=None, metavar="EPSILON",
+                   help="EATA only: the redundancy margin epsilon, keep x if |cos(p(x), m)| < epsilon; with m near "
+                        "uniform |cos| >= 1/sqrt(C) (0.32 at 10 classes, 0.14 at 50), so BriMPR's 0.1 keeps nothing "
+                        "there; 0.4 is the diagnostic row (default: 0.1, BriMPR run.py; original EATA 0.05)")
     p.add_argument("--continual", action="store_true",
                    help="all corruption types in one stream, no reset between them (default: off, reset per type)")
     p.add_argument("--data", default="embedded", choices=["embedded", "read"],
@@ -852,6 +874,8 @@ def check_args(args, parser):
         raise SystemExit(f"error: --seeds {' '.join(map(str, args.seeds))} repeats a seed; give each seed once.")
     if args.no_cache and "abpem" not in method_names(args):
         raise SystemExit("error: --no-cache switches off ABPEM's feature cache; add abpem to --method / --methods.")
+    if args.eata_redundancy is not None and "eata" not in method_names(args):
+        raise SystemExit("error: --eata-redundancy sets EATA's redundancy margin; add eata to --method / --methods.")
     if args.data == "read":
         if not (args.data_root and args.label_csv):
             raise SystemExit("error: --data read needs --data-root (the folder with clean/, video/, audio/) and --label-csv.")

@@ -749,9 +749,10 @@ def save_checkpoint(path, model, **meta):
 
 
 def load_state_dict_strict(model, state_dict, source="checkpoint",
-                           hint="Check --config and that the file is a CAV-MAE fine-tuned checkpoint."):
-    """Strip `module.` (DataParallel), then load strictly; on any mismatch raise CheckpointError
-    naming the missing, unexpected and wrongly-shaped keys, followed by `hint` (what to do)."""
+                           hint="check --config and that the file is a CAV-MAE fine-tuned checkpoint."):
+    """Strip `module.` (DataParallel), then load strictly. A mismatch raises CheckpointError in one sentence
+    with the counts of missing, unexpected and wrongly-shaped keys and the first 3 of each, then `hint`
+    (what to do); a tensor holding NaN or infinity raises CheckpointError naming the first such tensor."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -759,14 +760,24 @@ def load_state_dict_strict(model, state_dict, source="checkpoint",
     shapes = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
     if missing or unexpected or shapes:
-        def show(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
-        raise CheckpointError(
-            f"{source} does not fit {model_name(model)}: "
-            f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
-            f"wrong shapes: {show(shapes)}. {hint}")
+        raise CheckpointError(f"{source} does not fit {model_name(model)}: {count_keys('missing', missing)}, "
+                              f"{count_keys('unexpected', unexpected)}, {count_keys('wrongly shaped', shapes)}; "
+                              f"{hint}")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged training run saves NaN weights: every prediction would be class 0, without a word
+        more = f" (first of {len(bad)} such tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source} holds NaN or infinite values in {bad[0]}{more}; the training that wrote it "
+                              f"diverged or the file is damaged: train it again or use another checkpoint.")
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def count_keys(kind, keys, first=3):
+    """'missing 12 keys (first: a, b, c)', 'missing 1 key (a)', 'missing 0 keys': for a mismatch message."""
+    if not keys:
+        return f"{kind} 0 keys"
+    shown = ", ".join(keys[:first])
+    return f"{kind} {len(keys)} key{'s' if len(keys) > 1 else ''} ({'first: ' if len(keys) > first else ''}{shown})"
 
 
 def model_name(model):

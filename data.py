@@ -29,7 +29,8 @@ Sections, in file order:
     Corruptions of Kinetics50-C / VGGSound-C   corrupt_video, corrupt_audio, read_image, read_wav, write_wav
     The embedded benchmark                 EMBEDDED, synth_frames, synth_audio, generate_embedded, embedded_raw,
                                            embedded_split
-    The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, read_layout_split
+    The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, join_on_video_id,
+                                           read_layout_split
     Missing modalities                     missing_masks, with_missing
     Image-text: tokenizers                 CLIPTokenizer, WordTokenizer (CLIP's BPE; a word vocabulary), clean_text,
                                            bytes_to_unicode, pad_token_ids
@@ -1557,7 +1558,8 @@ ENTRY_FIELDS = ("video_id", "wav", "video_path", "labels")
 
 
 def read_json_list(path):
-    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts (fields checked)."""
+    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts (fields checked,
+    each video_id once)."""
     check_input_file(path, "data list", "check the path (or --data-root) you passed.")
     try:
         obj = json.loads(_read_text(path, "data list"))
@@ -1581,6 +1583,12 @@ def read_json_list(path):
         if wrong is not None:
             raise DataError(f"entry {i} of {path} has {wrong} = {e[wrong]!r}; every field of a clip is a non-empty "
                             f"string (labels: comma-separated mids).")
+    first = {}
+    for i, e in enumerate(entries):  # a clip listed twice would be scored twice
+        if e["video_id"] in first:
+            raise DataError(f"{path} lists the clip {e['video_id']!r} twice (entries {first[e['video_id']]} and {i}); "
+                            f"remove one of them.")
+        first[e["video_id"]] = i
     return entries
 
 
@@ -1606,7 +1614,8 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
     """Clips listed in a READ JSON, pre-processed on the fly for a model's input sizes.
 
     Clips whose WAV or every frame is missing are skipped, counted and reported once; a label not
-    in the CSV is an error (a wrong CSV would silently mislabel everything).
+    in the CSV is an error (a wrong CSV would silently mislabel everything), and so is a clip with
+    several labels (the runs here are single-label; scoring the first would be silently wrong).
     """
 
     def __init__(self, json_path, label_csv, mel_bins=128, target_length=1024, image_size=224,
@@ -1620,6 +1629,9 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
             if not mids or unknown:
                 raise DataError(f"clip {e.get('video_id')} in {json_path} has label {e['labels']!r}, which is not in "
                                 f"{label_csv}; use the label CSV that belongs to this data list.")
+            if len(mids) > 1:  # scoring against the first label alone would be a silently wrong accuracy
+                raise DataError(f"clip {e['video_id']} in {json_path} has {len(mids)} labels {e['labels']!r}, but these "
+                                f"runs are single-label (one class per clip); keep the one label to score it against.")
             frame = frame_path(e, frame_index)
             if frame is None or not os.path.isfile(e["wav"]):
                 skipped.append(e["video_id"])
@@ -1629,8 +1641,7 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
                 raise DataError(f"{e['wav']} lasts {1000 * n / rate:.1f} ms, shorter than one 25 ms fbank window; "
                                 f"replace or remove it.")
             _check_image_header(frame)
-            # Kinetics50 and VGGSound are single-label: the first label is the class.
-            self.items.append((e["wav"], frame, mid_to_index[mids[0]]))
+            self.items.append((e["wav"], frame, mid_to_index[mids[0]]))  # the clip's one label
         if skipped:
             print(f"[data] skipped {len(skipped)} of {len(entries)} clips of {json_path} with a missing "
                   f"WAV or frame (first: {skipped[0]})", file=sys.stderr)
@@ -1660,13 +1671,28 @@ def read_layout_json(data_root, modality, corruption, severity):
     return os.path.join(data_root, modality, corruption, f"severity_{severity}.json")
 
 
+def join_on_video_id(video_json, audio_json):
+    """The clips of both lists (video list's order): frames from the video list, the WAV from the audio list.
+    Clips in only one list are dropped, counted and reported per list; no clip in common is a DataError."""
+    vid, aud = read_json_list(video_json), {e["video_id"]: e["wav"] for e in read_json_list(audio_json)}
+    both = [{**e, "wav": aud[e["video_id"]]} for e in vid if e["video_id"] in aud]
+    if not both:
+        raise DataError(f"the video list {video_json} and the audio list {audio_json} share no video_id; "
+                        f"pass the lists made from the same clean list.")
+    only_video, only_audio = len(vid) - len(both), len(aud) - len(both)
+    if only_video or only_audio:
+        print(f"[data] --modality both: dropped {only_video} of {len(vid)} clips of {video_json} missing from the "
+              f"audio list and {only_audio} of {len(aud)} clips of {audio_json} missing from the video list",
+              file=sys.stderr)
+    return both
+
+
 def read_layout_split(data_root, label_csv, model, video_corruption=None, audio_corruption=None, severity=5):
     """A READ-layout test set; with both corruptions, video frames of the one and WAVs of the other."""
     kw = dict(mel_bins=model.mel_bins, target_length=model.audio_length, image_size=model.image_size)
     if video_corruption and audio_corruption:
-        vid = read_json_list(read_layout_json(data_root, "video", video_corruption, severity))
-        aud = {e["video_id"]: e["wav"] for e in read_json_list(read_layout_json(data_root, "audio", audio_corruption, severity))}
-        both = [{**e, "wav": aud[e["video_id"]]} for e in vid if e["video_id"] in aud]
+        both = join_on_video_id(read_layout_json(data_root, "video", video_corruption, severity),
+                                read_layout_json(data_root, "audio", audio_corruption, severity))
         return ReadLayoutDataset(f"{video_corruption}+{audio_corruption}", label_csv, entries=both, **kw)
     if video_corruption:
         return ReadLayoutDataset(read_layout_json(data_root, "video", video_corruption, severity), label_csv, **kw)

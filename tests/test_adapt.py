@@ -122,6 +122,33 @@ def test_runner_on_read_layout(tmp_path):
     assert 0 <= acc <= 100 and abs(acc / 12.5 - round(acc / 12.5)) < 1e-5
 
 
+def test_runner_both_modalities_on_read_layout_counts_dropped_clips(tmp_path, capsys):
+    argv = read_layout_argv(tmp_path, "source") + ["--modality", "both", "--corruption", "gaussian_noise+wind"]
+    audio = tmp_path / "audio" / "wind" / "severity_5.json"
+    entries = json.loads(audio.read_text())["data"]
+    audio.write_text(json.dumps({"data": entries[1:]}))  # clip0 has no corrupted WAV
+    out = tmp_path / "r.json"
+    adapt.main(argv + ["--batch-size", "5", "--results", str(out)])
+    video = tmp_path / "video" / "gaussian_noise" / "severity_5.json"
+    assert (f"dropped 1 of 6 clips of {video} missing from the audio list and 0 of 5 clips of {audio} missing "
+            f"from the video list") in capsys.readouterr().err
+    # the 5 clips left in one batch of 5: the accuracy is a multiple of 100 / 5 = 20
+    acc = json.loads(out.read_text())["accuracy"]["gaussian_noise+wind"]["source"]["mean"]
+    assert abs(acc / 20 - round(acc / 20)) < 1e-5
+
+
+def test_runner_refuses_a_checkpoint_holding_nan(tmp_path):
+    argv = read_layout_argv(tmp_path, "source")
+    model = CAVMAE("tiny", num_classes=3)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    common.save_checkpoint(str(tmp_path / "tiny3.pt"), model)
+    with pytest.raises(SystemExit) as e:
+        adapt.main(argv + ["--results", str(tmp_path / "r.json")])
+    assert str(e.value).startswith(f"error: {tmp_path / 'tiny3.pt'} holds NaN or infinite values in norm.weight; ")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_runner_refuses_a_checkpoint_with_other_classes(tmp_path):
     ckpt = tmp_path / "k50.pt"
     common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=50))
@@ -198,6 +225,7 @@ def test_results_files_are_named_by_what_was_run():
     assert len(set(narrower + [wide])) == len(narrower) + 1  # no two selections share a file
     assert narrower[0].endswith("adapt_source-tent_video_fog.json")
     assert path(["--method", "abpem", "--no-cache"]) != path(["--method", "abpem"])
+    assert path(["--method", "eata", "--eata-redundancy", "0.4"]).endswith("adapt_source-eata_video_eataeps0.4.json")
     many = path(["--method", "tent", "--corruption", ",".join(adapt.corruption_list("video", "all")[:9])])
     assert len(os.path.basename(many)) < 80  # long selections get a short hash tag
 
@@ -241,6 +269,7 @@ def test_checkpoint_of_another_data_seed_is_refused(tmp_path):
     (["--checkpoint", "DIR"], "is a folder, not a checkpoint file"),
     (["--checkpoint", "TEXT"], "is a text file (starting 'my notes'), not a PyTorch checkpoint"),
     (["--method", "tent", "--no-cache"], "--no-cache switches off ABPEM's feature cache; add abpem"),
+    (["--method", "tent", "--eata-redundancy", "0.4"], "--eata-redundancy sets EATA's redundancy margin; add eata"),
     (["--label-csv", "TEXT"], "--label-csv applies to --data read only"),
     (["--seeds", "2", "2"], "--seeds 2 2 repeats a seed"),
     (["--corruption", "fog,fog"], "--corruption names fog twice"),

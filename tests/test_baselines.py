@@ -241,6 +241,23 @@ def test_eata_redundancy_filter_from_the_second_batch(tiny_batch):
     assert adapter.m is None
 
 
+def test_eata_redundancy_margin_default_and_flag(tiny_batch):
+    # m uniform over 10 classes, p one-hot: cos = (1/10) / (1 * sqrt(10) / 10) = 1 / sqrt(10) = 0.316228, the
+    # smallest |cos| any p can have (|p| <= 1): dropped by BriMPR's 0.1 (and EATA's 0.05), kept by 0.4
+    one_hot = torch.zeros(1, 10, dtype=D)
+    one_hot[0, 3] = 1
+    assert abs(adapt.eata_cosine(one_hot, torch.full((10,), 0.1, dtype=D)).item() - 0.316228) < 1e-6
+    torch.manual_seed(0)
+    assert adapt.EATA.setup(CAVMAE("tiny"), ctx()).epsilon == 0.1  # BriMPR run.py --d_margin
+    flagged = SimpleNamespace(**vars(ctx()), eata_redundancy=0.4)  # adapt.py --eata-redundancy 0.4
+    model = CAVMAE("tiny")
+    adapter = adapt.EATA.setup(model, flagged)
+    assert adapter.epsilon == 0.4
+    adapter(tiny_batch)  # m set
+    adapter.reset()
+    assert adapter.epsilon == 0.4 and adapter.m is None  # reset keeps the margin
+
+
 def test_sar_steps_with_the_gradient_at_the_perturbed_point(tiny_batch):
     model, start, adapter = make("sar")
     keep_everything(adapter)
@@ -271,7 +288,34 @@ def test_sar_model_recovery_keeps_the_low_average(tiny_batch):
     keep_everything(adapter)
     adapter.reset_em = math.inf  # any average is below it: recover after the step
     adapter(tiny_batch)
-    assert changed_keys(start, model) == set() and len(adapter.optimizer.state) == 0
+    assert changed_keys(start, model) == set() and len(adapter.optimizer.state) == 8  # weights back, Adam kept
     assert adapter.recoveries == 1 and adapter.ema == adapter.losses["sam"]  # first ema = L2, kept after recovery
     adapter.reset()
     assert adapter.ema is None
+
+
+def adam_state(optimizer):
+    """A copy of Adam's per-parameter state (exp_avg, exp_avg_sq, step), in parameter order."""
+    return copy.deepcopy(optimizer.state_dict()["state"])
+
+
+def test_sar_recovery_reloads_the_weights_and_keeps_adam_reset_restores_both(tiny_batch):
+    model, start, adapter = make("sar")
+    keep_everything(adapter)
+    adapter.reset_em = -math.inf  # no recovery: two plain steps build up Adam's state
+    adapter(tiny_batch)
+    adapter(tiny_batch)
+    before = {}
+    recover = adapter.recover
+    adapter.recover = lambda: (before.update(adam_state(adapter.optimizer)), recover())  # the state at recovery
+    adapter.reset_em = math.inf
+    adapter(tiny_batch)  # third step, then the recovery
+    after = adam_state(adapter.optimizer)
+    assert adapter.recoveries == 1 and changed_keys(start, model) == set()  # the saved (source) weights
+    assert len(after) == len(before) == 8  # norm1 / norm2 weight and bias of blocks_a.0 and blocks_v.0
+    for i, s in after.items():  # bit-identical to just before the recovery, not fresh
+        assert set(s) == {"step", "exp_avg", "exp_avg_sq"} and float(s["step"]) == 3.0
+        assert all(torch.equal(s[k], before[i][k]) for k in s) and s["exp_avg"].abs().sum() > 0
+    adapter.reset()  # between corruption types: the source weights and a fresh Adam
+    assert changed_keys(start, model) == set() and len(adapter.optimizer.state) == 0
+    assert adapter.ema is None and adapter.optimizer.state_dict() == adapter.optimizer_state

@@ -61,10 +61,42 @@ def test_wrong_checkpoint_names_missing_unexpected_and_misshaped_keys(tmp_path):
     torch.save(sd, path)
     with pytest.raises(common.CheckpointError) as e:
         common.load_checkpoint(str(path), config="tiny")
+    # one sentence: the three counts, then what to do
+    assert str(e.value) == (f"{path} does not fit CAVMAE(config='tiny', num_classes=10): missing 1 key (norm_a.weight), "
+                            "unexpected 1 key (extra.weight), wrongly shaped 1 key (pos_embed_v (1, 5, 64) vs model "
+                            "(1, 16, 64)); check --config and that the file is a CAV-MAE fine-tuned checkpoint.")
+
+
+def test_checkpoint_mismatch_message_counts_and_shows_the_first_three_of_each_kind(tmp_path):
+    sd = CAVMAE("tiny", num_classes=10).state_dict()
+    blocks = sorted(k for k in sd if k.startswith("blocks_a."))  # 20 tensors per tiny block x 3 blocks
+    for k in blocks:
+        sd.pop(k)
+    path = tmp_path / "no_audio_blocks.pth"
+    torch.save(sd, path)
+    with pytest.raises(common.CheckpointError) as e:
+        common.load_checkpoint(str(path), config="tiny")
     msg = str(e.value)
-    assert "missing keys: norm_a.weight" in msg
-    assert "unexpected keys: extra.weight" in msg
-    assert "pos_embed_v (1, 5, 64) vs model (1, 16, 64)" in msg
+    assert len(blocks) == 60 and f"missing 60 keys (first: {', '.join(blocks[:3])}), " in msg
+    assert "unexpected 0 keys, wrongly shaped 0 keys; " in msg and blocks[3] not in msg
+    assert len(msg) - len(str(path)) < 300 and msg.count(". ") == 0  # one sentence, not a list of 60 keys
+    assert common.count_keys("missing", ["a", "b", "c", "d"]) == "missing 4 keys (first: a, b, c)"
+    assert common.count_keys("missing", ["a", "b"]) == "missing 2 keys (a, b)"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoint_with_nan_or_infinite_weights_is_refused_naming_the_tensor(tmp_path, bad):
+    model = CAVMAE("tiny", num_classes=10)
+    sd = model.state_dict()
+    sd["blocks_v.1.norm1.weight"][3] = bad  # a diverged run: the first bad tensor in state-dict order
+    sd["mlp_head.1.bias"][0] = bad
+    path = tmp_path / "diverged.pt"
+    common.save_checkpoint(str(path), model)
+    with pytest.raises(common.CheckpointError) as e:
+        common.load_checkpoint(str(path))
+    assert str(e.value) == (f"{path} holds NaN or infinite values in blocks_v.1.norm1.weight (first of 2 such tensors); "
+                            f"the training that wrote it diverged or the file is damaged: train it again or use "
+                            f"another checkpoint.")
 
 
 def test_missing_and_garbage_checkpoint_files_say_what_they_are(tmp_path):

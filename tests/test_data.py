@@ -188,11 +188,49 @@ def test_read_layout_errors(tmp_path):
         data.ReadLayoutDataset(str(tmp_path / "bad.json"), csv)
 
 
-def test_read_layout_both_modalities_joins_on_video_id(tmp_path):
+def test_read_layout_both_modalities_joins_on_video_id(tmp_path, capsys):
     make_read_layout(tmp_path, n=4)
     ds = data.read_layout_split(str(tmp_path), str(tmp_path / "labels.csv"), CAVMAE("tiny"),
                                 video_corruption="gaussian_noise", audio_corruption="wind")
-    assert len(ds) == 4
+    assert len(ds) == 4 and "dropped" not in capsys.readouterr().err  # the same clips in both: no notice
+
+
+def write_list(path, entries):
+    path.write_text(json.dumps({"data": entries}))
+    return str(path)
+
+
+def test_read_layout_both_modalities_counts_the_clips_in_one_list_only(tmp_path, capsys):
+    entries = make_read_layout(tmp_path, n=6)
+    video = write_list(tmp_path / "video" / "gaussian_noise" / "severity_5.json", entries[:5])  # no clip5
+    audio = write_list(tmp_path / "audio" / "wind" / "severity_5.json", entries[2:])  # no clip0, clip1
+    ds = data.read_layout_split(str(tmp_path), str(tmp_path / "labels.csv"), CAVMAE("tiny"),
+                                video_corruption="gaussian_noise", audio_corruption="wind")
+    # clips 2, 3, 4 are in both lists; clip0 and clip1 only in the video list, clip5 only in the audio list
+    assert [os.path.basename(w) for w, _, _ in ds.items] == ["clip2.wav", "clip3.wav", "clip4.wav"]
+    assert capsys.readouterr().err == (f"[data] --modality both: dropped 2 of 5 clips of {video} missing from the "
+                                       f"audio list and 1 of 4 clips of {audio} missing from the video list\n")
+    write_list(tmp_path / "audio" / "wind" / "severity_5.json", entries[5:])
+    with pytest.raises(data.DataError, match=r"the video list .* and the audio list .* share no video_id"):
+        data.read_layout_split(str(tmp_path), str(tmp_path / "labels.csv"), CAVMAE("tiny"),
+                               video_corruption="gaussian_noise", audio_corruption="wind")
+
+
+def test_clip_listed_twice_is_refused_naming_it_and_both_positions(tmp_path):
+    entries = make_read_layout(tmp_path, n=4)
+    twice = write_list(tmp_path / "twice.json", entries[:3] + [dict(entries[1])])  # clip1 at entries 1 and 3
+    with pytest.raises(data.DataError) as e:
+        data.read_json_list(twice)
+    assert str(e.value) == f"{twice} lists the clip 'clip1' twice (entries 1 and 3); remove one of them."
+
+
+def test_clip_with_several_labels_is_refused(tmp_path):
+    entries = make_read_layout(tmp_path, n=3)
+    multi = write_list(tmp_path / "multi.json", [entries[0], dict(entries[1], labels="/m/c1,/m/c2")])
+    with pytest.raises(data.DataError) as e:  # VGGSound-style comma-separated mids: the first would be scored
+        data.ReadLayoutDataset(multi, str(tmp_path / "labels.csv"))
+    assert str(e.value) == (f"clip clip1 in {multi} has 2 labels '/m/c1,/m/c2', but these runs are single-label "
+                            f"(one class per clip); keep the one label to score it against.")
 
 
 # ---------------------------------------------------------------------------- bad inputs, one sentence each
