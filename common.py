@@ -512,6 +512,9 @@ def load_clip(path, config=None, device="cpu"):
         raise CheckpointError(f"{path} names the CLIP configuration {cfg!r}, which this code does not know "
                               f"({', '.join(CLIP_CONFIGS)}); was it written by another version?")
     emb = sd.get("token_embedding.weight")
+    if (emb is None or emb.dim() != 2) and not CLIP_CONFIGS[cfg]["vocab_size"]:
+        raise CheckpointError(f"{path} does not fit CLIP(config={cfg!r}): missing 1 key (token_embedding.weight), the "
+                              f"vocabulary it needs; check that the file is a CLIP checkpoint.")
     model = CLIP(cfg, vocab_size=emb.shape[0] if emb is not None and emb.dim() == 2 else None)
     load_state_dict_strict(model, sd, source=path, hint="Check --config and that the file is a CLIP ViT checkpoint "
                                                          "(OpenAI's ViT-B-16.pt for --config base).")
