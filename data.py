@@ -1215,23 +1215,26 @@ _CLEAN = {}  # clean pre-processed inputs of the embedded benchmark, per (modali
 # that text and image correspond per sample and not only per class (what CLIP's objective learns):
 #   count 1..4 ("two"), colour of 8 named hues ("red"), size of 3 ("small"), region of 4 ("on the left").
 # Class evidence sits at several scales: the objects' outline (5 shapes, coarse), a fine inner pattern
-# (solid, stripes at 0 or 60 degrees, dots; period 3 px, finer than a patch) and the scene's tint
-# (context). A motif = (shape, pattern): 20 of them.
+# (solid, stripes at 0 or 60 degrees, dots; period 4 px, finer than a patch of 8) and the scene's
+# tint (context). A motif = (shape, pattern): 20 of them.
 #   food   20 dishes in 4 groups of 5; dish c is drawn with motif c and the tint of its group. Its title
 #          names the dish by one of 2 synonyms with probability 0.8, otherwise only the group
 #          ("dessert"), so the text is strong but not perfect and the picture settles the rest.
-#   imdb   12 genres of unequal frequency (0.45 .. 0.03, at least one per film); each figure of the
+#   imdb   12 genres of unequal frequency (0.5 .. 0.04, at least one per film); each figure of the
 #          poster shows the motif of one of the film's genres (motif 1 + g) with probability 0.6, else
 #          a plain figure (motif 0, no genre); dark genres darken the poster. The plot names each genre
-#          by one of 3 cue words with probability 0.75 and, with probability 0.04, a cue word of a
-#          genre the film does not have; plots are long (15-40 words) and the tokenizer keeps 40 tokens.
-#   memes  the label comes from the pairing: a text's hostility h_t in {-2 .. 2} (its tone words) and
-#          the pictured subject (6 motifs; 3 of them are "targets", h_i = +1, the others h_i = -1):
-#          hateful = [h_t + h_i > 0.5], 10% of labels flipped. Half the samples are confounders of the
-#          other half, as in Hateful Memes: the same text with another picture, or the same picture with
-#          another text, chosen to flip the label where the other side allows it.
-# The texts never name a meme's subject (it would give the label away) and always leave some
-# attributes out (each named with probability 0.8), with noise words at random places.
+#          by one of 3 cue words with probability 0.9 and, with probability 0.04, a cue word of a
+#          genre the film does not have; plots are long (10-30 words among noise words).
+#   memes  the label comes from the pairing: a text's hostility h_t in {-2 .. 2} (its 1-3 tone words) and
+#          the pictured subject (6 subjects, each a motif in its own colour; the 3 in warm colours are
+#          "targets", h_i = +1, the others h_i = -1): hateful = [h_t + h_i > 0.5], 10% of labels flipped.
+#          Harsher texts come with darker pictures more often (P(dark) 0.2 at h_t = -2 .. 0.8 at +2),
+#          which is what lets a contrastive text tower learn the tone words at all. Half the samples are
+#          confounders of the other half, as in Hateful Memes: the same text with another picture (a
+#          subject of the other kind), or the same picture with another text (a hostility across the
+#          decision line). A meme's text never names its colour (that would name the subject).
+# Every text leaves some attributes out (each named with probability 0.8) and has noise words at
+# random places.
 IT_TASKS = {  # task -> what the papers' table reports on the dataset it stands for
     "food": dict(kind="single", metric="accuracy", num_classes=20, like="UPMC Food-101"),
     "imdb": dict(kind="multilabel", metric="f1_macro", num_classes=12, like="MM-IMDb"),
@@ -1245,12 +1248,13 @@ IT_EMBEDDED = dict(
     shape_jitter=0.2,  # relative std of a shape's modulation depth
     p_mention=0.8,  # each per-sample attribute is named with this probability
     food_p_dish=0.8,  # a food title names the dish (else only its group)
-    imdb_genre_freq=(0.45, 0.33, 0.25, 0.2, 0.16, 0.13, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03),
-    imdb_p_motif=0.75, imdb_p_cue=0.85, imdb_p_false_cue=0.04, imdb_words=(15, 40),
-    memes_flip=0.1,
+    imdb_genre_freq=(0.5, 0.35, 0.28, 0.22, 0.18, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04),
+    imdb_p_motif=0.6, imdb_p_cue=0.9, imdb_p_false_cue=0.04, imdb_words=(10, 30),
+    memes_flip=0.1, memes_p_dark=(0.2, 0.8),  # P(a dark scene) at hostility -2 and +2, linear between
 )
 IT_COLOURS = (("red", 0.0), ("orange", 0.08), ("yellow", 0.15), ("green", 0.33), ("cyan", 0.5), ("blue", 0.62),
               ("purple", 0.75), ("pink", 0.88))
+COLOUR_WORDS = tuple(c for c, _ in IT_COLOURS)
 IT_COUNTS = (("one", "a", "single"), ("two", "pair"), ("three",), ("four",))  # count 1..4
 IT_SIZES = (("small", "tiny"), ("medium",), ("big", "large"))
 IT_REGIONS = ("left", "right", "top", "bottom")
@@ -1270,7 +1274,8 @@ IMDB_CUES = (("grief", "family", "struggle"), ("hilarious", "funny", "laughs"), 
 IMDB_DARK = (3, 4, 6, 10)  # thriller, crime, horror, war: darker posters
 MEMES_TONE = (("lovely", "kind", "sweet"), ("nice", "fine", "okay"), ("weird", "odd", "strange"),
               ("stupid", "ugly", "gross"), ("vile", "disgusting", "filthy"))  # hostility -2 .. 2
-MEMES_SUBJECTS = (1, 6, 11, 16, 3, 13)  # motifs of the 6 subjects; the first 3 are targets
+MEMES_SUBJECTS = ((1, 0), (6, 1), (11, 7), (16, 4), (3, 5), (13, 6))  # (motif, colour) of the 6 subjects; the first 3
+# are targets, drawn in warm colours (red, orange, pink), the others in cool ones (cyan, blue, purple)
 IT_NOISE = ("the", "with", "and", "of", "best", "easy", "homemade", "recipe", "photo", "look", "this", "is", "so",
             "when", "you", "my", "today", "story", "new", "really", "just", "about", "in", "a", "life", "world",
             "young", "man", "woman", "town", "after", "meets", "must", "their", "his", "her")
@@ -1431,9 +1436,12 @@ def _memes(n, g, rng, cfg):
     h_t[sib] = torch.where(same_text, h_t[base], torch.where(h_t[base] >= 0, torch.randint(-2, 0, (half,), generator=g),
                                                              torch.randint(1, 3, (half,), generator=g)))
     attrs = draw_attributes(n, g, cfg)
-    for k in attrs:  # the same picture: the sibling keeps the base's attributes (and pixels, below)
-        attrs[k][sib] = torch.where(same_text, attrs[k][sib], attrs[k][base])
-    motif = torch.tensor(MEMES_SUBJECTS)[subject][:, None].expand(n, cfg["max_count"])
+    lo, hi = cfg["memes_p_dark"]
+    attrs["dark"] = torch.rand(n, generator=g) < lo + (hi - lo) * (h_t + 2).float() / 4  # harsher pictures for harsher words
+    for k in attrs:  # a sibling shows what its text says: the base's count, size, region (and, same picture, its pixels)
+        attrs[k][sib] = attrs[k][base]
+    attrs["colour"] = torch.tensor([c for _, c in MEMES_SUBJECTS])[subject]  # a subject's colour marks it
+    motif = torch.tensor([m for m, _ in MEMES_SUBJECTS])[subject][:, None].expand(n, cfg["max_count"])
     images = render_pictures(attrs, motif, torch.full((n,), float("nan")), g, cfg)
     images[sib[~same_text]] = images[base[~same_text]]
     label = memes_label(h_t, subject < 3, torch.rand(n, generator=g) < cfg["memes_flip"])
@@ -1442,8 +1450,8 @@ def _memes(n, g, rng, cfg):
         if i >= half and same_text[i - half]:
             texts.append(texts[i - half])
             continue
-        words = describe(a, i, rng, cfg["p_mention"])
-        words += [_pick(MEMES_TONE[h_t[i] + 2], rng) for _ in range(int(rng.integers(1, 3)))]
+        words = [w for w in describe(a, i, rng, cfg["p_mention"]) if w not in COLOUR_WORDS]  # the colour would name the subject
+        words += [_pick(MEMES_TONE[h_t[i] + 2], rng) for _ in range(int(rng.integers(1, 4)))]
         texts.append(" ".join(add_noise_words(words, rng, int(rng.integers(1, 5)))))
     perm = torch.randperm(n, generator=g)  # siblings are not neighbours
     sibling = torch.cat([sib, base])                                           # original index -> its sibling's
