@@ -361,7 +361,8 @@ def load_or_compute_source_statistics(model, ctx, n=NUM_SOURCE_SAMPLES, seed=SOU
     n and seed; else computed from ctx.source_batch(n, seed) and written there."""
     key = {"version": STATS_VERSION, "fingerprint": model_fingerprint(model.backbone),
            "dataset": str(ctx.dataset), "data_seed": getattr(ctx, "data_seed", None),
-           "source": getattr(ctx, "source_id", None), "n": n, "seed": seed}
+           "source": getattr(ctx, "source_id", None), "n": n, "seed": seed,
+           "prompts": (tuple(model.prompts_a.shape), tuple(model.prompts_v.shape))}
     path = f"{ctx.cache_prefix}.brimpr_source_stats.pt" if getattr(ctx, "cache_prefix", None) else None
     device = model.prompts_a.device
     if path and os.path.isfile(path):
@@ -514,7 +515,7 @@ class BriMPR(nn.Module):
 def setup(model, ctx, shift_reset=None):
     """adapt.py's entry point: wrap a (copied) source model. shift_reset: the continual-shift prompt
     reset (default: ctx.continual, i.e. on with `python adapt.py --continual`)."""
-    prompted = PromptedCAVMAE(model)
+    prompted = PromptedCAVMAE(model, num_prompts=NUM_PROMPTS)  # read at call time: a diagnostic may set it
     src = load_or_compute_source_statistics(prompted, ctx)
     tau = TAU_BOTH if ctx.modality == "both" else TAU_SINGLE
     shift_reset = bool(getattr(ctx, "continual", False)) if shift_reset is None else shift_reset
