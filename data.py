@@ -1,4 +1,4 @@
-"""Data: the embedded audio-visual benchmark, its corruptions, the READ file layout, missing modalities.
+"""Data: the embedded audio-visual and image-text benchmarks, corruptions, real-data readers, missing modalities.
 
 Every loader here yields the same batches, dicts with named fields:
 
@@ -17,6 +17,10 @@ Audio and video go through ONE pre-processing path whatever their origin (`wav_t
 no dither) -> pad/cut to T frames -> (x + 5.081) / 4.4849; frames -> resize (bicubic) -> centre crop
 -> /255 -> ImageNet mean/std.
 
+The embedded image-text benchmark (`embedded_image_text_split`: food, imdb, memes, shaped like UPMC Food-101,
+MM-IMDb and Hateful Memes) is generated in about 15 s and cached under `it_embedded_id`; its section's comment
+and the README give its design and the properties tests/test_image_text_benchmark.py checks.
+
 The embedded benchmark (`embedded_split`) is generated from a seed in about 20 s and cached in
 `.cache/` under its version id (`embedded_id`); each clip is one audio-visual event (see the section's
 comment and the README for its design and the properties tests/test_benchmark.py checks). Its corruptions are the 15 video + 6 audio corruptions
@@ -29,6 +33,9 @@ Sections, in file order:
     Corruptions of Kinetics50-C / VGGSound-C   corrupt_video, corrupt_audio, read_image, read_wav, write_wav
     The embedded benchmark                 EMBEDDED, synth_frames, synth_audio, generate_embedded, embedded_raw,
                                            embedded_split
+    The embedded image-text benchmark      food / imdb / memes (IT_TASKS, IT_EMBEDDED): draw_attributes,
+                                           render_pictures, generate_image_text, image_text_raw, it_embedded_id,
+                                           embedded_tokenizer, embedded_image_text_split
     The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, join_on_video_id,
                                            read_layout_split
     Missing modalities                     missing_masks, with_missing
