@@ -104,19 +104,7 @@ def retrieval(model, dataset, device, batch_size=64, seed=0):
         z_a, z_v = model.encode(batch["audio"], batch["video"])
         feats_a.append(model.fuse_single(z_a, "a"))
         feats_v.append(model.fuse_single(z_v, "v"))
-    c_a, c_v, labels = torch.cat(feats_a), torch.cat(feats_v), dataset.fields["label"].to(device)
-    g = torch.Generator().manual_seed(seed)
-    swap = torch.arange(len(labels))  # a permutation within each class
-    for k in labels.unique():
-        idx = (labels == k).nonzero().flatten().cpu()
-        swap[idx] = idx[torch.randperm(len(idx), generator=g)]
-    order = torch.randperm(len(labels), generator=g)  # batches of random clips
-    out = {"true_pairs": [], "class_shuffled": []}
-    for s in range(0, len(order) - batch_size + 1, batch_size):
-        b = order[s:s + batch_size]
-        out["true_pairs"].append(common.retrieval_top1(c_a[b], c_v[b]))
-        out["class_shuffled"].append(common.retrieval_top1(c_a[b], c_v[swap[b]]))
-    return {k: 100.0 * float(np.mean(v)) for k, v in out.items()}
+    return paired_retrieval(torch.cat(feats_a).cpu(), torch.cat(feats_v).cpu(), dataset.fields["label"], batch_size, seed)
 
 
 def pretrain(model, train_set, args, device, quiet=False):
@@ -298,10 +286,10 @@ def class_of(label):
 
 
 @torch.no_grad()
-def image_text_retrieval(feats_i, feats_t, label, batch_size=64, seed=0):
-    """Image -> text top-1 retrieval (%) within batches of `batch_size` random test samples: for the true
-    pairs, and with every text swapped for another sample's of the same class (a picture's partner then
-    shares only its class). Chance is 1 / batch_size."""
+def paired_retrieval(feats_q, feats_k, label, batch_size=64, seed=0):
+    """Top-1 retrieval (%) of each query's own key (image -> text, audio -> video) within batches of
+    `batch_size` random test samples: for the true pairs, and with every key swapped for another sample's
+    of the same class (a query's partner then shares only its class). Chance is 1 / batch_size."""
     cls = class_of(label)
     g = torch.Generator().manual_seed(seed)
     swap = torch.arange(len(cls))
@@ -312,8 +300,8 @@ def image_text_retrieval(feats_i, feats_t, label, batch_size=64, seed=0):
     out = {"true_pairs": [], "class_shuffled": []}
     for s in range(0, len(order) - batch_size + 1, batch_size):
         b = order[s:s + batch_size]
-        out["true_pairs"].append(common.retrieval_top1(feats_i[b], feats_t[b]))
-        out["class_shuffled"].append(common.retrieval_top1(feats_i[b], feats_t[swap[b]]))
+        out["true_pairs"].append(common.retrieval_top1(feats_q[b], feats_k[b]))
+        out["class_shuffled"].append(common.retrieval_top1(feats_q[b], feats_k[swap[b]]))
     return {k: 100.0 * float(np.mean(v)) for k, v in out.items()}
 
 
@@ -357,7 +345,7 @@ def modality_probes(model, kind, num_classes, train_set, test_set, device, seed=
     probe = lambda a, b: linear_probe(kind, num_classes, a, y_tr, b, y_te, seed=seed)  # noqa: E731
     return {"image": probe(i_tr, i_te), "text": probe(t_tr, t_te),
             "both": probe(torch.cat([i_tr, t_tr], 1), torch.cat([i_te, t_te], 1)),
-            "retrieval": image_text_retrieval(i_te.cpu(), t_te.cpu(), y_te.cpu())}
+            "retrieval": paired_retrieval(i_te.cpu(), t_te.cpu(), y_te.cpu())}
 
 
 def train_set_labels(dataset):

@@ -39,3 +39,30 @@ def source_stream_accuracy(corruption, batch_size, seed=1):
         for b in data.make_loader(ds, batch_size, shuffle=True, seed=seed):
             accs.append(100.0 * (model(b["audio"], b["video"]).argmax(1) == b["label"]).float().mean().item())
     return sum(accs) / len(accs)
+
+
+def key_list(path, prefix=""):
+    """{key without `prefix`: shape} from a shipped key list ('#' comments, then 'key<TAB>(shape)' lines)."""
+    assert os.path.isfile(path), f"this test reads the key list at {path}"
+    keys = {}
+    for line in open(path):
+        if line.startswith("#") or not line.strip():
+            continue
+        name, shape = line.rstrip("\n").split("\t")
+        keys[name[len(prefix):] if name.startswith(prefix) else name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return keys
+
+
+def spectrum_slope(grey):
+    """alpha of a radially averaged amplitude spectrum ~ 1 / f^alpha (least squares in log-log over 1 .. S/2 - 1
+    cycles per picture). grey (N, S, S) in [0, 1]; natural images have alpha about 1 (0.8 .. 1.6)."""
+    S = grey.shape[-1]
+    amp = torch.fft.fft2(grey - grey.mean((1, 2), keepdim=True)).abs().mean(0)     # (S, S)
+    f = (torch.fft.fftfreq(S)[:, None] ** 2 + torch.fft.fftfreq(S)[None] ** 2).sqrt() * S  # cycles per picture
+    ring = f.round().long().flatten()
+    keep = (ring >= 1) & (ring < S // 2)
+    total = torch.zeros(S).index_add_(0, ring[keep], amp.flatten()[keep])
+    count = torch.zeros(S).index_add_(0, ring[keep], torch.ones(int(keep.sum())))
+    r = torch.arange(1, S // 2)
+    x, y = r.double().log(), (total[1:S // 2] / count[1:S // 2]).double().log()
+    return -(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()).item()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from conftest import spectrum_slope
 import train
 
 
@@ -71,16 +72,7 @@ def test_frames_have_the_amplitude_spectrum_of_natural_images(raw):
     # radially averaged amplitude spectrum of the grey clean test frames ~ 1 / f^alpha, natural images
     # have alpha about 1 (0.8 .. 1.6 measured on photographs)
     grey = raw["test"]["frames"][:1000].float().mean(1) / 255                      # (N, S, S)
-    S = grey.shape[-1]
-    amp = torch.fft.fft2(grey - grey.mean((1, 2), keepdim=True)).abs().mean(0)     # (S, S)
-    f = (torch.fft.fftfreq(S)[:, None] ** 2 + torch.fft.fftfreq(S)[None] ** 2).sqrt() * S  # cycles per frame
-    ring = f.round().long().flatten()
-    keep = (ring >= 1) & (ring < S // 2)
-    total = torch.zeros(S).index_add_(0, ring[keep], amp.flatten()[keep])
-    count = torch.zeros(S).index_add_(0, ring[keep], torch.ones(int(keep.sum())))
-    r = torch.arange(1, S // 2)
-    x, y = r.double().log(), (total[1:S // 2] / count[1:S // 2]).double().log()
-    alpha = -(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()).item()
+    alpha = spectrum_slope(grey)
     assert 0.8 <= alpha <= 1.6
 
 

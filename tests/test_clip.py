@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from conftest import key_list
 from common import CLIP, FusedQKVAttention, QuickGELU, ResidualBlock
 
 SPEC_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_vit_b16_state_dict.txt")
@@ -18,14 +19,7 @@ VOCAB = 30  # a small vocabulary for the tiny model; the end-of-text id is VOCAB
 
 def published_keys():
     """{key: shape} from the published ViT-B/16 key list (tests/, shipped with the repository)."""
-    assert os.path.isfile(SPEC_KEYS), f"this test reads the published key list at {SPEC_KEYS}"
-    keys = {}
-    for line in open(SPEC_KEYS):
-        if line.startswith("#") or not line.strip():
-            continue
-        name, shape = line.rstrip("\n").split("\t")
-        keys[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return keys
+    return key_list(SPEC_KEYS, "")
 
 
 def tiny(seed=0, dtype=torch.float64):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+from conftest import key_list
 from common import CAVMAE
 
 SPEC_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cavmae_state_dict_ks50.txt")
@@ -13,14 +14,7 @@ SPEC_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cavmae_sta
 
 def published_keys():
     """{key without 'module.': shape} from the published checkpoint's key list (tests/, shipped with the repository)."""
-    assert os.path.isfile(SPEC_KEYS), f"this test reads the published key list at {SPEC_KEYS}"
-    keys = {}
-    for line in open(SPEC_KEYS):
-        if line.startswith("#") or not line.strip():
-            continue
-        name, shape = line.rstrip("\n").split("\t")
-        keys[name[len("module."):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return keys
+    return key_list(SPEC_KEYS, "module.")
 
 
 @pytest.fixture(scope="module")

@@ -60,10 +60,10 @@ def test_retrieval_arithmetic_by_hand():
     # one batch of 4 with one-hot features: each image's nearest text is its own -> 100%; with every class
     # of one sample, the within-class shuffle moves nothing -> also 100%
     feats = torch.eye(4)
-    r = train.image_text_retrieval(feats, feats, torch.tensor([0, 1, 2, 3]), batch_size=4)
+    r = train.paired_retrieval(feats, feats, torch.tensor([0, 1, 2, 3]), batch_size=4)
     assert r == {"true_pairs": 100.0, "class_shuffled": 100.0}
     # texts rolled by one: image i's nearest text is sample i + 1's -> 0%
-    r = train.image_text_retrieval(feats, feats.roll(1, 0), torch.tensor([0, 1, 2, 3]), batch_size=4)
+    r = train.paired_retrieval(feats, feats.roll(1, 0), torch.tensor([0, 1, 2, 3]), batch_size=4)
     assert r["true_pairs"] == 0.0
 
 
