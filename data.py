@@ -249,7 +249,14 @@ def _draw(fn, shape, g, **kw):
         return fn(shape, generator=g, **kw)
     if len(g) != shape[0]:
         raise ValueError(f"{len(g)} generators for {shape[0]} frames; pass one generator per frame.")
-    return torch.cat([fn((1, *shape[1:]), generator=gi, **kw) for gi in g])
+    first = fn((1, *shape[1:]), generator=g[0], **kw)                      # (1, ...)
+    if len(g) == 1:
+        return first
+    out = first.new_empty(shape)                                           # (N, ...)
+    out[:1] = first
+    for i in range(1, len(g)):
+        fn((1, *shape[1:]), generator=g[i], out=out[i:i + 1], **kw)        # written in place, no copy
+    return out
 
 
 def _rand(shape, g, like):
@@ -414,7 +421,9 @@ def shot_noise(x, photons, generator=None):
     rate = (x * photons).detach().double().cpu()                          # (N, C, H, W)
     if isinstance(g, torch.Generator):
         counts = torch.poisson(rate, generator=g)
-    else:  # one generator per frame (`_draw`)
+    elif len(g) == 1:  # one generator per frame (`_draw`)
+        counts = torch.poisson(rate, generator=g[0])
+    else:
         counts = torch.cat([torch.poisson(rate[i:i + 1], generator=gi) for i, gi in enumerate(g)])
     return (counts / photons).to(x).clamp(0, 1)
 
@@ -1484,7 +1493,7 @@ class MissingModalities(torch.utils.data.Dataset):
 JPEG_QUALITY = 85
 CORRUPT_SETTINGS = "corrupt_settings.json"  # in <out>: what the set was made with, checked on resume
 NOISE_SECONDS = 10  # length of a procedural noise recording (READ's clips last 10 s)
-BATCH_SIZE = 8  # frames corrupted in one call (more is no faster at 224 x 224)
+BATCH_SIZE = 4  # frames corrupted in one call (faster at 64 x 64; at 224 x 224 more is slower, cache)
 WORKERS = min(4, os.cpu_count() or 1)  # processes of `python data.py corrupt`
 
 
@@ -1503,16 +1512,16 @@ def clip_frames(entry):
     return [(i, p) for i, p in paths if os.path.isfile(p)]
 
 
-_SHARED = {}  # the set's frost banks and noise recordings of this process, by key
+_SHARED = {}  # the set's frost banks and noise recordings in this process, least recently used first
 
 
 def _shared(key, make):
-    """make() once per key in this process (a handful of keys per set)."""
-    if key not in _SHARED:
-        if len(_SHARED) >= 16:
-            _SHARED.clear()
-        _SHARED[key] = make()
-    return _SHARED[key]
+    """make() once per key in this process, keeping the 8 last used (a bank of 224 px frames is 24 MB)."""
+    value = _SHARED.pop(key) if key in _SHARED else make()
+    _SHARED[key] = value  # now the most recently used
+    while len(_SHARED) > 8:
+        del _SHARED[next(iter(_SHARED))]
+    return value
 
 
 def set_frost_bank(seed, size):

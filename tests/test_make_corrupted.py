@@ -149,6 +149,8 @@ def test_clip_without_frames_is_left_out_and_reported(tmp_path):
     (["--seed", "-1"], "a seed is a whole number"),
     (["--video", "none", "--audio", "none"], "leave nothing to do"),
     (["--audio", "wind", "--noise-dir", "NOISE"], "noise recording"),
+    (["--workers", "0"], "--workers 0: give a whole number of at least 1"),
+    (["--batch-size", "four"], "--batch-size four: give a whole number of at least 1"),
 ])
 def test_bad_corrupt_arguments_end_with_one_sentence(tmp_path, extra, message):
     make_read_layout(tmp_path, n=2)
