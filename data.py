@@ -1676,13 +1676,15 @@ def make_corrupted_set(json_path, out, video=(), audio=(), severities=(5,), nois
         write_list(key)
     bar = tqdm(total=report["skipped_existing"] + sum(len(j[4]) for j in jobs), initial=report["skipped_existing"],
                desc="corrupting", unit="file", disable=quiet, dynamic_ncols=True)
-    for key, written in _run_batches(jobs, workers):
-        report["written"] += written
-        bar.update(written)
-        pending[key] -= 1
-        if pending[key] == 0:  # a list is written once all its files are
-            write_list(key)
-    bar.close()
+    try:
+        for key, written in _run_batches(jobs, workers):
+            report["written"] += written
+            bar.update(written)
+            pending[key] -= 1
+            if pending[key] == 0:  # a list is written once all its files are
+                write_list(key)
+    finally:
+        bar.close()  # before any error message
     return report
 
 
