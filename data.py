@@ -50,14 +50,17 @@ Sections, in file order:
 """
 import argparse
 import csv
+import functools
 import gzip
 import hashlib
 import html
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import re
+import signal
 import sys
 import wave
 import zlib
@@ -192,12 +195,18 @@ def to_device(batch, device):
 #   procedural ice textures whose colour statistics match the photographs frost1-5 (measured:
 #   channel means R .57 G .66 B .70, grey std about .11) and crops one at random per frame, as
 #   ImageNet-C crops one of its photographs. With `frost_dir` the real photographs are used
-#   (ImageNet-C picks one of frost1..frost5; we pick any jpg/png in the directory).
+#   (ImageNet-C picks one of frost1..frost5; we pick any jpg/png in the directory). A call draws the
+#   five textures from its generator unless it is given `frost_bank`; `python data.py corrupt`
+#   draws them once per set and frame size (`set_frost_bank`), as every ImageNet-C image is
+#   cropped from the same five photographs.
 # - elastic_transform: the random affine warp (OpenCV warpAffine) and the elastic displacement
 #   (scipy map_coordinates) are merged into ONE bilinear grid_sample with reflect-101 borders.
 # - audio traffic / crowd / rain / thunder / wind: READ's recordings are not shipped;
 #   `noise_stand_in` synthesises each kind procedurally, normalised to RMS NOISE_RMS = 0.1
 #   (-20 dBFS, a typical level for a recording). With `noise_dir` the real `<kind>.wav` is used.
+#   A call draws the stand-in from its generator (one per call) unless it is given `noise`;
+#   `python data.py corrupt` draws one 10 s stand-in per set, kind and sample rate
+#   (`set_noise_recording`) and overlays it on every clip, as READ overlays its one recording.
 
 VIDEO_CORRUPTIONS = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur',
                      'motion_blur', 'zoom_blur', 'snow', 'frost', 'fog', 'brightness', 'contrast',
@@ -251,18 +260,36 @@ FROST_CROP = 224  # ImageNet-C crops a 224 x 224 patch out of a frost photograph
 
 
 def _generator(generator):
-    """The given torch.Generator, or a new CPU one seeded 0."""
+    """The given torch.Generator (or list of per-frame generators), or a new CPU one seeded 0."""
     return generator if generator is not None else torch.Generator().manual_seed(0)
 
 
+def _draw(fn, shape, g, **kw):
+    """fn(shape, generator=g, **kw) on CPU (fn: torch.rand, torch.randn, partial(torch.randint, high)).
+    g may be a list of N generators, one per frame (shape[0] = N): frame i's slice (1, *shape[1:]) is
+    then drawn from g[i] alone, so each frame gets exactly what it gets when corrupted on its own."""
+    if isinstance(g, torch.Generator):
+        return fn(shape, generator=g, **kw)
+    if len(g) != shape[0]:
+        raise ValueError(f"{len(g)} generators for {shape[0]} frames; pass one generator per frame.")
+    first = fn((1, *shape[1:]), generator=g[0], **kw)                      # (1, ...)
+    if len(g) == 1:
+        return first
+    out = first.new_empty(shape)                                           # (N, ...)
+    out[:1] = first
+    for i in range(1, len(g)):
+        fn((1, *shape[1:]), generator=g[i], out=out[i:i + 1], **kw)        # written in place, no copy
+    return out
+
+
 def _rand(shape, g, like):
-    """U(0, 1) drawn on CPU from g, moved to like's device / dtype."""
-    return torch.rand(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    """U(0, 1) drawn on CPU from g (per frame if a list, `_draw`), moved to like's device / dtype."""
+    return _draw(torch.rand, shape, g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
 def _randn(shape, g, like):
-    """N(0, 1) drawn on CPU from g, moved to like's device / dtype."""
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    """N(0, 1) drawn on CPU from g (per frame if a list, `_draw`), moved to like's device / dtype."""
+    return _draw(torch.randn, shape, g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
 def _check_name(name, severity, valid, kind):
@@ -354,17 +381,15 @@ def _line_blur(x, radius, sigma, angles):
     k = (k / k.sum()).tolist()
     a = torch.deg2rad(angles.detach().double().cpu())[:, None]              # (N, 1)
     # ImageMagick rounds with ceil(v - .5)
-    dx = torch.ceil(i[None] * torch.cos(a) - 0.5).long().to(x.device)     # (N, width) column offsets
-    dy = torch.ceil(i[None] * torch.sin(a) - 0.5).long().to(x.device)     # (N, width) row offsets
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    flat = x.reshape(n, c, h * w)
+    dx = torch.ceil(i[None] * torch.cos(a) - 0.5).long().tolist()         # (N, width) column offsets
+    dy = torch.ceil(i[None] * torch.sin(a) - 0.5).long().tolist()         # (N, width) row offsets
+    r = width - 1  # no offset is longer: a replicate border of r is "edge pixels repeated"
+    padded = F.pad(x, (r, r, r, r), mode='replicate')                      # (N, C, H+2r, W+2r)
     out = torch.zeros_like(x)
-    for t in range(width):
-        r = (rows + dy[:, t].view(n, 1, 1)).clamp(0, h - 1)
-        q = (cols + dx[:, t].view(n, 1, 1)).clamp(0, w - 1)
-        idx = (r * w + q).view(n, 1, h * w).expand(n, c, h * w)              # (N, C, H*W)
-        out = out + k[t] * flat.gather(2, idx).view(n, c, h, w)
+    for j in range(n):  # each image its own angle: its taps are shifted windows of its padded copy
+        out_j = out[j]
+        for t in range(width):
+            out_j += k[t] * padded[j, :, r + dy[j][t]:r + dy[j][t] + h, r + dx[j][t]:r + dx[j][t] + w]
     return out
 
 
@@ -384,7 +409,7 @@ def plasma_fractal(n, mapsize=256, wibble_decay=3.0, generator=None):
 
     def wibbled_mean(total):
         # mean of the 4 neighbours + wibble * U(-wibble, wibble), as ImageNet-C
-        return total / 4 + wibble * (torch.rand(total.shape, generator=g, dtype=torch.float64) * 2 - 1) * wibble
+        return total / 4 + wibble * (_draw(torch.rand, total.shape, g, dtype=torch.float64) * 2 - 1) * wibble
 
     while step >= 2:
         half = step // 2
@@ -416,7 +441,13 @@ def gaussian_noise_video(x, sigma, generator=None):
 def shot_noise(x, photons, generator=None):
     """clip(Poisson(x * photons) / photons)."""
     g = _generator(generator)
-    counts = torch.poisson((x * photons).detach().double().cpu(), generator=g)
+    rate = (x * photons).detach().double().cpu()                          # (N, C, H, W)
+    if isinstance(g, torch.Generator):
+        counts = torch.poisson(rate, generator=g)
+    elif len(g) == 1:  # one generator per frame (`_draw`)
+        counts = torch.poisson(rate, generator=g[0])
+    else:
+        counts = torch.cat([torch.poisson(rate[i:i + 1], generator=gi) for i, gi in enumerate(g)])
     return (counts / photons).to(x).clamp(0, 1)
 
 
@@ -477,8 +508,8 @@ def glass_blur(x, sigma, max_delta, iterations, generator=None):
         # DEVIATION: ImageNet-C swaps whole pixels at integer offsets randint(-d, d) in a sequential
         # loop; we resample every pixel (bilinear) at a random offset U(-d, d) per axis in one
         # grid_sample, which also works for the fractional deltas of a scaled-down frame.
-        dy = (torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1) * max_delta   # (N, H, W)
-        dx = (torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1) * max_delta
+        dy = (_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1) * max_delta   # (N, H, W)
+        dx = (_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1) * max_delta
         grid = torch.stack([2 * (xx + dx) / max(w - 1, 1) - 1, 2 * (yy + dy) / max(h - 1, 1) - 1], -1)  # (N, H, W, 2)
         x = F.grid_sample(x, grid.to(x), mode='bilinear', padding_mode='border', align_corners=True)
     return gaussian_blur(x, sigma).clamp(0, 1)
@@ -487,7 +518,7 @@ def glass_blur(x, sigma, max_delta, iterations, generator=None):
 def motion_blur(x, radius, sigma, generator=None):
     """ImageMagick motion blur at a random angle U(-45, 45) degrees per image."""
     g = _generator(generator)
-    angles = torch.rand(x.shape[0], generator=g, dtype=torch.float64) * 90 - 45   # (N,)
+    angles = _draw(torch.rand, (x.shape[0],), g, dtype=torch.float64) * 90 - 45   # (N,)
     return _line_blur(x, radius, sigma, angles).clamp(0, 1)
 
 
@@ -516,7 +547,7 @@ def snow(x, mean, std, zoom, threshold, radius, sigma, image_weight, generator=N
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).clamp(0, 1)
     if (lh, lw) != (h, w):
         layer = F.interpolate(layer, size=(h, w), mode='area')              # (N, 1, H, W)
-    angles = torch.rand(n, generator=g, dtype=torch.float64) * 90 - 135
+    angles = _draw(torch.rand, (n,), g, dtype=torch.float64) * 90 - 135
     layer = _line_blur(layer, radius, sigma, angles)
     grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]       # (N, 1, H, W), OpenCV RGB2GRAY
     x = image_weight * x + (1 - image_weight) * torch.maximum(x, grey * 1.5 + 0.5)
@@ -550,15 +581,21 @@ def _ice_texture(n, size, scale, generator):
     return texture * tint                                                  # (n, 3, S, S)
 
 
-def frost_stand_in(n, size, generator=None):
+def frost_bank(size, generator=None):
+    """The stand-in's five ice "photographs" for frames of `size` px: (5, 3, 2 size, 2 size) float64."""
+    return _ice_texture(5, 2 * size, size, _generator(generator))
+
+
+def frost_stand_in(n, size, generator=None, bank=None):
     """Stand-in for ImageNet-C's frost photographs, built the same way: five procedural ice
-    textures of 2 size x 2 size px (`_ice_texture`), one random texture and crop per frame.
-    Returns (n, 3, size, size) float64 in [0, 1]."""
+    textures of 2 size x 2 size px (`frost_bank`, drawn from the generator unless `bank` is given),
+    one random texture and crop per frame. Returns (n, 3, size, size) float64 in [0, 1]."""
     g = _generator(generator)
-    bank = _ice_texture(5, 2 * size, size, g)                              # (5, 3, 2S, 2S)
-    which = torch.randint(5, (n,), generator=g)                            # (n,)
-    top = torch.randint(size + 1, (n,), generator=g)
-    left = torch.randint(size + 1, (n,), generator=g)
+    if bank is None:
+        bank = frost_bank(size, g)                                         # (5, 3, 2S, 2S)
+    which = _draw(functools.partial(torch.randint, 5), (n,), g)            # (n,)
+    top = _draw(functools.partial(torch.randint, size + 1), (n,), g)
+    left = _draw(functools.partial(torch.randint, size + 1), (n,), g)
     rows = (top[:, None] + torch.arange(size))[:, None, :, None]           # (n, 1, S, 1)
     cols = (left[:, None] + torch.arange(size))[:, None, None, :]          # (n, 1, 1, S)
     return bank[which[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
@@ -576,10 +613,11 @@ def frost_from_dir(frost_dir, n, size, generator=None):
     photos = [read_image(p) for p in paths]
     crop = min([FROST_CROP] + [min(p.shape[-2:]) for p in photos])
     patches = []
-    for _ in range(n):  # one random photograph and crop per frame
-        photo = photos[int(torch.randint(len(photos), (1,), generator=g))]
-        top = int(torch.randint(photo.shape[1] - crop + 1, (1,), generator=g))
-        left = int(torch.randint(photo.shape[2] - crop + 1, (1,), generator=g))
+    for i in range(n):  # one random photograph and crop per frame (from frame i's generator if a list)
+        gi = g if isinstance(g, torch.Generator) else g[i]
+        photo = photos[int(torch.randint(len(photos), (1,), generator=gi))]
+        top = int(torch.randint(photo.shape[1] - crop + 1, (1,), generator=gi))
+        left = int(torch.randint(photo.shape[2] - crop + 1, (1,), generator=gi))
         patches.append(photo[:, top:top + crop, left:left + crop])
     patches = torch.stack(patches).double() / 255                           # (n, 3, crop, crop)
     if crop != size:
@@ -587,14 +625,15 @@ def frost_from_dir(frost_dir, n, size, generator=None):
     return patches.clamp(0, 1)
 
 
-def frost(x, image_weight, frost_weight, generator=None, frost_dir=None):
-    """clip(image_weight * x + frost_weight * ice), ice from frost_dir or frost_stand_in."""
+def frost(x, image_weight, frost_weight, generator=None, frost_dir=None, bank=None):
+    """clip(image_weight * x + frost_weight * ice), ice from frost_dir or frost_stand_in (cropped
+    from `bank` if given, see frost_bank)."""
     n, _, h, w = x.shape
     if frost_dir is not None:
         ice = frost_from_dir(frost_dir, n, max(h, w), generator)
     else:
         # DEVIATION: ImageNet-C's ice photographs are not shipped; a procedural stand-in.
-        ice = frost_stand_in(n, max(h, w), generator)
+        ice = frost_stand_in(n, max(h, w), generator, bank)
     ice = ice[..., :h, :w].to(x)                                            # (N, 3, H, W)
     return (image_weight * x + frost_weight * ice).clamp(0, 1)
 
@@ -638,14 +677,14 @@ def elastic_transform(x, alpha, sigma, affine, generator=None, field_size=None):
     # affine: points (x, y) around the centre, moved at random; A maps pts1 -> pts2 (OpenCV getAffineTransform)
     cy, cx, sq = float(h // 2), float(w // 2), min(h, w) // 3
     pts1 = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)  # (3, 2)
-    pts2 = pts1 + (torch.rand(n, 3, 2, generator=g, dtype=torch.float64) * 2 - 1) * affine               # (N, 3, 2)
+    pts2 = pts1 + (_draw(torch.rand, (n, 3, 2), g, dtype=torch.float64) * 2 - 1) * affine               # (N, 3, 2)
     p1 = torch.cat([pts1, torch.ones(3, 1, dtype=torch.float64)], 1)                                    # (3, 3)
     a = torch.linalg.solve(p1, pts2).transpose(1, 2)                                                   # (N, 2, 3)
     a = torch.cat([a, torch.tensor([0., 0., 1.], dtype=torch.float64).expand(n, 1, 3)], 1)             # (N, 3, 3)
     a_inv = torch.linalg.inv(a)                                                                        # warpAffine: dst(p) = src(A^-1 p)
     # elastic: smooth random displacement field, scipy gaussian_filter(mode='reflect', truncate=3)
-    dx = gaussian_blur(torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
-    dy = gaussian_blur(torch.rand(n, h, w, generator=g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
+    dx = gaussian_blur(_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
+    dy = gaussian_blur(_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
     if field_size is not None and sigma > 0:
         # DEVIATION: smoothed per-pixel noise has an amplitude that depends on the pixel grid
         # (about 1 / sigma_px), so scaling alpha and sigma alone would leave the displacement the same
@@ -684,8 +723,13 @@ def jpeg_compression(x, quality):
     return (torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255).clamp(0, 1)
 
 
-def corrupt_video(frames, name, severity, generator=None, frost_dir=None):
-    """Apply video corruption `name` at `severity` (1..5) to frames (N, 3, H, W) in [0, 1]."""
+def corrupt_video(frames, name, severity, generator=None, frost_dir=None, frost_bank=None):
+    """Apply video corruption `name` at `severity` (1..5) to frames (N, 3, H, W) in [0, 1].
+
+    generator: one torch.Generator for the batch, or a list of N, one per frame: frame i then gets
+    exactly what corrupt_video(frames[i:i + 1], ..., generator[i]) gives it (`_draw`), whatever else
+    is in the batch. frost_bank: frost's five ice textures (frost_bank(max(H, W))) instead of
+    drawing them from the generator."""
     _check_name(name, severity, VIDEO_CORRUPTIONS, 'video')
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be a tensor (N, 3, H, W) in [0, 1], got shape {tuple(frames.shape)}.")
@@ -711,7 +755,7 @@ def corrupt_video(frames, name, severity, generator=None, frost_dir=None):
     if name == 'snow':
         return snow(frames, p[0], p[1], p[2], p[3], p[4] * s, p[5] * s, p[6], g, REFERENCE_SIZE)
     if name == 'frost':
-        return frost(frames, p[0], p[1], g, frost_dir)
+        return frost(frames, p[0], p[1], g, frost_dir, frost_bank)
     if name == 'fog':
         return fog(frames, p[0], p[1], g)
     if name == 'brightness':
@@ -927,8 +971,9 @@ def noise_recording(kind, num_samples, generator=None, noise_dir=None, sample_ra
 _NOISE = {}  # the last noise recording read, resampled
 
 
-def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_rate=16000):
-    """Apply audio corruption `name` at `severity` (1..5) to waveforms (N, T) at sample_rate."""
+def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_rate=16000, noise=None):
+    """Apply audio corruption `name` at `severity` (1..5) to waveforms (N, T) at sample_rate.
+    noise: the recording (L,) to overlay, instead of noise_recording(name, T, generator, noise_dir)."""
     _check_name(name, severity, AUDIO_CORRUPTIONS, 'audio')
     if wavs.dim() != 2:
         raise ValueError(f"wavs must be a tensor (N, T) of waveforms, got shape {tuple(wavs.shape)}.")
@@ -938,7 +983,8 @@ def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_r
         return gaussian_noise_audio(wavs, p, g)
     # one recording for the whole set, always from its start (READ cuts rain_sound[:len(audio)]);
     # DEVIATION: without noise_dir, a synthetic stand-in of READ's recording (noise_stand_in)
-    noise = noise_recording(name, wavs.shape[-1], g, noise_dir, sample_rate)
+    if noise is None:
+        noise = noise_recording(name, wavs.shape[-1], g, noise_dir, sample_rate)
     return audio_noise_overlay(wavs, noise, p)
 
 
@@ -2348,10 +2394,19 @@ class MissingImageText(torch.utils.data.Dataset):
 # corrupt_video) and saved as JPEG quality 85. A WAV is corrupted at its own sample rate and written
 # as 16-bit mono at that rate; a noise recording is averaged to mono and resampled to the clip's rate
 # first, so a stereo 48 kHz recording does not change a mono 16 kHz clip's length (READ issue #13).
-# Each file's randomness comes from (--seed, corruption, severity, clip, frame), so a resumed run
-# (files already written are skipped) gives the same set as an uninterrupted one.
+# Each file's randomness comes from (--seed, corruption, severity, clip, frame) through its own
+# generator, so a resumed run (files already written are skipped) gives the same set as an
+# uninterrupted one, whatever --batch-size and --workers. Frames are corrupted --batch-size at a time
+# (one call per corruption and stored size; frame i draws from its own generator, `_draw`), by
+# --workers processes with one thread each (the same arithmetic whatever their number).
+# What a set shares, as READ's recordings and ImageNet-C's photographs are shared by every file: the
+# frost stand-in's five ice textures (one bank per seed and frame size) and each procedural noise
+# recording (NOISE_SECONDS long, one per seed, kind and sample rate, cut from its start or tiled).
 JPEG_QUALITY = 85
 CORRUPT_SETTINGS = "corrupt_settings.json"  # in <out>: what the set was made with, checked on resume
+NOISE_SECONDS = 10  # length of a procedural noise recording (READ's clips last 10 s)
+BATCH_SIZE = 4  # frames corrupted in one call (faster at 64 x 64; at 224 x 224 more is slower, cache)
+WORKERS = min(4, os.cpu_count() or 1)  # processes of `python data.py corrupt`
 
 
 def file_generator(seed, *parts):
@@ -2369,19 +2424,99 @@ def clip_frames(entry):
     return [(i, p) for i, p in paths if os.path.isfile(p)]
 
 
-def corrupt_frame_file(src, dst, name, severity, generator, frost_dir=None):
-    """Corrupt one frame file at its stored size and write it as JPEG quality 85 (whole or not at all)."""
-    frame = read_image(src)[None].float() / 255                            # (1, 3, H, W) in [0, 1]
-    out = corrupt_video(frame, name, severity, generator=generator, frost_dir=frost_dir)[0]
-    jpeg = torchvision.io.encode_jpeg((out * 255).round().clamp(0, 255).to(torch.uint8), quality=JPEG_QUALITY)
-    common.atomic_write(dst, lambda tmp: torchvision.io.write_file(tmp, jpeg))
+_SHARED = {}  # the set's frost banks and noise recordings in this process, least recently used first
 
 
-def corrupt_wav_file(src, dst, name, severity, generator, noise_dir=None):
-    """Corrupt one WAV at its own rate (mono) and write it as 16-bit mono PCM (whole or not at all)."""
-    wav, rate = read_wav(src)                                              # (T,), stereo averaged
-    out = corrupt_audio(wav[None], name, severity, generator=generator, noise_dir=noise_dir, sample_rate=rate)[0]
-    common.atomic_write(dst, lambda tmp: write_wav(tmp, out.clamp(-1, 1), rate))
+def _shared(key, make):
+    """make() once per key in this process, keeping the 8 last used (a bank of 224 px frames is 24 MB)."""
+    value = _SHARED.pop(key) if key in _SHARED else make()
+    _SHARED[key] = value  # now the most recently used
+    while len(_SHARED) > 8:
+        del _SHARED[next(iter(_SHARED))]
+    return value
+
+
+def set_frost_bank(seed, size):
+    """The frost stand-in's five ice textures for frames of `size` px of a set made with `seed`,
+    shared by every frame (ImageNet-C crops each image's frost from the same five photographs)."""
+    return _shared(("frost", seed, size), lambda: frost_bank(size, file_generator(seed, "frost", "bank", size)))
+
+
+def set_noise_recording(seed, kind, sample_rate):
+    """The procedural stand-in for READ's recording `kind` at sample_rate in a set made with `seed`:
+    NOISE_SECONDS long, shared by every clip (READ overlays one recording on all of them)."""
+    return _shared(("noise", seed, kind, sample_rate), lambda: noise_stand_in(
+        kind, NOISE_SECONDS * sample_rate, file_generator(seed, kind, "recording", sample_rate), sample_rate))
+
+
+def corrupt_frame_files(files, name, severity, seed, frost_dir=None):
+    """Corrupt frame files [(src, dst, video_id, frame_index)] at their stored sizes, one batch per
+    size, and write each as JPEG quality 85 (whole or not at all). Frame (video_id, i) draws from
+    file_generator(seed, name, severity, video_id, i) alone: its file is the same in any batch."""
+    images = [read_image(src) for src, _, _, _ in files]                   # uint8 (3, H, W) each
+    by_size = {}
+    for k, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape[-2:]), []).append(k)
+    for (h, w), ks in by_size.items():
+        frames = torch.stack([images[k] for k in ks]).float() / 255       # (n, 3, H, W) in [0, 1]
+        generators = [file_generator(seed, name, severity, files[k][2], files[k][3]) for k in ks]
+        bank = set_frost_bank(seed, max(h, w)) if name == "frost" and frost_dir is None else None
+        out = corrupt_video(frames, name, severity, generator=generators, frost_dir=frost_dir, frost_bank=bank)
+        u8 = (out * 255).round().clamp(0, 255).to(torch.uint8)            # (n, 3, H, W)
+        for k, jpeg in zip(ks, torchvision.io.encode_jpeg(list(u8), quality=JPEG_QUALITY)):
+            common.atomic_write(files[k][1], lambda tmp: torchvision.io.write_file(tmp, jpeg))
+
+
+def corrupt_wav_files(files, name, severity, seed, noise_dir=None):
+    """Corrupt WAVs [(src, dst, video_id, None)] each at its own rate (mono) and write them as 16-bit
+    mono PCM (whole or not at all); clip video_id draws from file_generator(seed, name, severity, video_id)."""
+    for src, dst, video_id, _ in files:
+        wav, rate = read_wav(src)                                          # (T,), stereo averaged
+        # DEVIATION: without noise_dir a procedural recording, one per set as READ's (set_noise_recording)
+        noise = set_noise_recording(seed, name, rate) if name != "gaussian_noise" and noise_dir is None else None
+        out = corrupt_audio(wav[None], name, severity, generator=file_generator(seed, name, severity, video_id),
+                            noise_dir=noise_dir, sample_rate=rate, noise=noise)[0]
+        common.atomic_write(dst, lambda tmp: write_wav(tmp, out.clamp(-1, 1), rate))
+
+
+def _corrupt_batch(job):
+    """One batch of files of one corruption (run in a worker): -> (its list's key, files written)."""
+    key, modality, name, severity, files, seed, noise_dir, frost_dir = job
+    if modality == "video":
+        corrupt_frame_files(files, name, severity, seed, frost_dir)
+    else:
+        corrupt_wav_files(files, name, severity, seed, noise_dir)
+    return key, len(files)
+
+
+def _exit_on_terminate(signum, frame):
+    raise SystemExit(1)  # a BaseException: atomic_write removes its temp file on the way out
+
+
+def _init_worker():
+    """A worker computes with one thread; Ctrl-C is the main process's to handle, which then ends the
+    pool (SIGTERM), and a file being written is removed, not left half-written."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
+
+
+def _run_batches(jobs, workers):
+    """Yield _corrupt_batch(job) for every job, in this process or in a pool of `workers` processes
+    (spawned, one thread each), as each batch is done."""
+    if workers <= 1 or len(jobs) <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the workers' arithmetic, so the files do not depend on --workers
+        try:
+            for job in jobs:
+                yield _corrupt_batch(job)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(_corrupt_batch, jobs)
+        pool.close()  # done: the workers exit on their own (leaving the block early terminates them)
+        pool.join()
 
 
 def _absolute(entry):
@@ -2389,9 +2524,12 @@ def _absolute(entry):
 
 
 def make_corrupted_set(json_path, out, video=(), audio=(), severities=(5,), noise_dir=None, frost_dir=None,
-                       seed=0, train_json=None, quiet=False):
-    """Write the corrupted copies of the clips in `json_path` in READ's layout under `out` (see above).
+                       seed=0, train_json=None, quiet=False, batch_size=BATCH_SIZE, workers=1):
+    """Write the corrupted copies of the clips in `json_path` in READ's layout under `out` (see above),
+    `batch_size` files per call, in `workers` processes; the files do not depend on either.
     Returns {'written': n, 'skipped_existing': n, 'clips_without_files': {list: n}}."""
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"batch_size {batch_size} and workers {workers} must both be at least 1.")
     out = os.path.abspath(out)
     entries = [_absolute(e) for e in read_json_list(json_path)]
     settings = {"source": os.path.abspath(json_path), "seed": seed, "jpeg_quality": JPEG_QUALITY,
@@ -2414,43 +2552,51 @@ def make_corrupted_set(json_path, out, video=(), audio=(), severities=(5,), nois
                           {"data": [_absolute(e) for e in read_json_list(train_json)]})
     frames = {e["video_id"]: clip_frames(e) for e in entries} if video else {}
     with_wav = [e for e in entries if os.path.isfile(e["wav"])]
-    total = len(severities) * (len(video) * sum(len(f) for f in frames.values()) + len(audio) * len(with_wav))
     report = {"written": 0, "skipped_existing": 0, "clips_without_files": {}}
-    bar = tqdm(total=total, desc="corrupting", unit="file", disable=quiet, dynamic_ncols=True)
+    # every list, the clips it names, and the batches of its files not yet on disk
+    lists, jobs, pending = {}, [], {}
+    for modality, names in (("video", video), ("audio", audio)):
+        for name in names:
+            for s in severities:
+                key = f"{modality}/{name}/severity_{s}"
+                folder = os.path.join(out, modality, name, f"severity_{s}")
+                listed, todo = [], []
+                for e in (entries if modality == "video" else with_wav):
+                    if modality == "video":
+                        files = [(src, os.path.join(folder, f"frame_{i}", e["video_id"] + ".jpg"), e["video_id"], i)
+                                 for i, src in frames[e["video_id"]]]
+                        if files:
+                            listed.append({**e, "video_path": folder + os.sep})
+                    else:
+                        files = [(e["wav"], os.path.join(folder, e["video_id"] + ".wav"), e["video_id"], None)]
+                        listed.append({**e, "wav": files[0][1]})
+                    for f in files:
+                        if os.path.isfile(f[1]):
+                            report["skipped_existing"] += 1
+                        else:
+                            todo.append(f)
+                lists[key] = listed
+                report["clips_without_files"][key] = len(entries) - len(listed)
+                batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+                jobs += [(key, modality, name, s, b, seed, noise_dir, frost_dir) for b in batches]
+                pending[key] = len(batches)
 
-    def one(dst, make):
-        if os.path.isfile(dst):
-            report["skipped_existing"] += 1
-        else:
-            make()
-            report["written"] += 1
-        bar.update(1)
+    def write_list(key):
+        common.write_json(os.path.join(out, key + ".json"), {"data": lists[key]})
 
-    for name in video:
-        for s in severities:
-            folder = os.path.join(out, "video", name, f"severity_{s}")
-            listed = []
-            for e in entries:
-                for i, src in frames[e["video_id"]]:
-                    dst = os.path.join(folder, f"frame_{i}", e["video_id"] + ".jpg")
-                    one(dst, lambda: corrupt_frame_file(src, dst, name, s, file_generator(seed, name, s, e["video_id"], i),
-                                                        frost_dir))
-                if frames[e["video_id"]]:
-                    listed.append({**e, "video_path": folder + os.sep})
-            report["clips_without_files"][f"video/{name}/severity_{s}"] = len(entries) - len(listed)
-            common.write_json(os.path.join(out, "video", name, f"severity_{s}.json"), {"data": listed})
-    for name in audio:
-        for s in severities:
-            folder = os.path.join(out, "audio", name, f"severity_{s}")
-            listed = []
-            for e in with_wav:
-                dst = os.path.join(folder, e["video_id"] + ".wav")
-                one(dst, lambda: corrupt_wav_file(e["wav"], dst, name, s, file_generator(seed, name, s, e["video_id"]),
-                                                  noise_dir))
-                listed.append({**e, "wav": dst})
-            report["clips_without_files"][f"audio/{name}/severity_{s}"] = len(entries) - len(listed)
-            common.write_json(os.path.join(out, "audio", name, f"severity_{s}.json"), {"data": listed})
-    bar.close()
+    for key in [k for k, n in pending.items() if n == 0]:  # every file already there
+        write_list(key)
+    bar = tqdm(total=report["skipped_existing"] + sum(len(j[4]) for j in jobs), initial=report["skipped_existing"],
+               desc="corrupting", unit="file", disable=quiet, dynamic_ncols=True)
+    try:
+        for key, written in _run_batches(jobs, workers):
+            report["written"] += written
+            bar.update(written)
+            pending[key] -= 1
+            if pending[key] == 0:  # a list is written once all its files are
+                write_list(key)
+    finally:
+        bar.close()  # before any error message
     return report
 
 
@@ -2491,6 +2637,10 @@ def build_parser():
     c.add_argument("--seed", default="0", help="seed of the corruptions' randomness, 0 .. 2^32-1 (default: 0)")
     c.add_argument("--train-json", default=None, help="clean training list to copy to <out>/clean/train.json, where "
                                                       "adapt.py looks for BriMPR's source clips (default: none)")
+    c.add_argument("--batch-size", default=str(BATCH_SIZE), help=f"frames corrupted in one call; the files do not "
+                   f"depend on it (default: {BATCH_SIZE})")
+    c.add_argument("--workers", default=str(WORKERS), help=f"processes corrupting in parallel, one thread each; the "
+                   f"files do not depend on it (default: {WORKERS}, the cores of this machine up to 4)")
     return p
 
 
@@ -2508,6 +2658,9 @@ def _check_corrupt_args(args):
         raise DataError(f"--severities {' '.join(args.severities)} is out of range; valid severities are 1, 2, 3, 4, 5.")
     if not args.seed.isdigit() or int(args.seed) >= 2 ** 32:
         raise DataError(f"--seed {args.seed}: a seed is a whole number from 0 to {2 ** 32 - 1}.")
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if not value.isdigit() or int(value) < 1:
+            raise DataError(f"{flag} {value}: give a whole number of at least 1.")
     read_json_list(args.json)
     if args.train_json:
         read_json_list(args.train_json)
@@ -2530,7 +2683,8 @@ def main(argv=None):
     try:
         video, audio, severities = _check_corrupt_args(args)
         report = make_corrupted_set(args.json, args.out, video, audio, severities, args.noise_dir, args.frost_dir,
-                                    int(args.seed), args.train_json)
+                                    int(args.seed), args.train_json, batch_size=int(args.batch_size),
+                                    workers=int(args.workers))
     except (DataError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {common.error_sentence(e)}")
     except KeyboardInterrupt:

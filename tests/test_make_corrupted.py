@@ -39,7 +39,7 @@ def corrupted(tmp_path):
     out = tmp_path / "C"
     argv = ["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"), "--out", str(out),
             "--video", "contrast", "impulse_noise", "--audio", "gaussian_noise,wind", "--severities", "5",
-            "--noise-dir", str(noise_dir)]
+            "--noise-dir", str(noise_dir), "--workers", "1"]
     report = data.main(argv)
     return tmp_path, out, argv, report
 
@@ -149,6 +149,8 @@ def test_clip_without_frames_is_left_out_and_reported(tmp_path):
     (["--seed", "-1"], "a seed is a whole number"),
     (["--video", "none", "--audio", "none"], "leave nothing to do"),
     (["--audio", "wind", "--noise-dir", "NOISE"], "noise recording"),
+    (["--workers", "0"], "--workers 0: give a whole number of at least 1"),
+    (["--batch-size", "four"], "--batch-size four: give a whole number of at least 1"),
 ])
 def test_bad_corrupt_arguments_end_with_one_sentence(tmp_path, extra, message):
     make_read_layout(tmp_path, n=2)
@@ -174,3 +176,82 @@ def test_output_folder_that_is_a_file_or_not_writable_is_refused(tmp_path, monke
         monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(locked) else real(p, m))
     with pytest.raises(SystemExit, match="no write permission"):
         data.main(argv + ["--out", str(locked / "C")])
+
+
+def test_a_batch_of_frames_gets_what_each_frame_gets_alone():
+    # one generator per frame: frame i of a batch is exactly corrupt_video(frame i alone, its generator),
+    # for every corruption (the random draws per frame, the filtering for the whole batch)
+    x = torch.rand(5, 3, 40, 48, generator=torch.Generator().manual_seed(0))  # (5, 3, 40, 48)
+    bank = data.frost_bank(48, torch.Generator().manual_seed(1))             # frost crops max(H, W) = 48
+    for name in data.VIDEO_CORRUPTIONS:
+        gens = lambda: [data.file_generator(0, name, 5, f"clip{i}", 3) for i in range(5)]
+        alone = torch.cat([data.corrupt_video(x[i:i + 1], name, 5, g, frost_bank=bank) for i, g in enumerate(gens())])
+        assert torch.equal(data.corrupt_video(x, name, 5, gens(), frost_bank=bank), alone), name
+
+
+def two_size_set(root):
+    """make_read_layout's 4 clips (frames 40 x 48 at frame_0 and frame_5), clip3's frames 36 x 44 instead."""
+    make_read_layout(root, n=4)
+    g = torch.Generator().manual_seed(1)
+    for i in (0, 5):
+        img = (torch.rand(3, 36, 44, generator=g) * 255).to(torch.uint8)
+        torchvision.io.write_file(str(root / "frames" / f"frame_{i}" / "clip3.jpg"), torchvision.io.encode_jpeg(img))
+    return root / "clean" / "severity_0.json"
+
+
+def corrupted_files(out):
+    """{relative path: bytes} of every frame, WAV and JSON list under out (the lists with out's path cut)."""
+    return {str(p.relative_to(out)): p.read_bytes().replace(str(out).encode(), b"OUT")
+            for p in out.rglob("*") if p.suffix in (".jpg", ".wav", ".json")}
+
+
+def test_files_do_not_depend_on_batch_size_workers_or_an_interruption(tmp_path, monkeypatch):
+    clean = two_size_set(tmp_path)
+    base = ["corrupt", "--json", str(clean), "--video", "all", "--audio", "all", "--seed", "7"]
+    data.main(base + ["--out", str(tmp_path / "A"), "--batch-size", "1", "--workers", "1"])  # one file per call
+    reference = corrupted_files(tmp_path / "A")
+    # 4 clips x 2 frames x 15 + 4 WAVs x 6, plus 21 lists and the clean one
+    assert sum(k.endswith(".jpg") for k in reference) == 120 and sum(k.endswith(".wav") for k in reference) == 24
+    # batches of 5 mix the two frame sizes and cross clips; two worker processes
+    data.main(base + ["--out", str(tmp_path / "B"), "--batch-size", "5", "--workers", "2"])
+    assert corrupted_files(tmp_path / "B") == reference
+    # resumed after files were lost: the rest is kept, the lost ones come back the same
+    lost = [tmp_path / "B" / k for k in ("video/frost/severity_5/frame_5/clip3.jpg", "video/fog/severity_5/frame_0/clip1.jpg",
+                                         "video/snow/severity_5.json", "audio/crowd/severity_5/clip2.wav")]
+    for p in lost:
+        p.unlink()
+    report = data.main(base + ["--out", str(tmp_path / "B"), "--batch-size", "2", "--workers", "2"])
+    assert report["written"] == 3 and corrupted_files(tmp_path / "B") == reference
+    # interrupted (Ctrl-C) after three batches, then run again
+    real, calls = data.corrupt_video, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(data, "corrupt_video", interrupted)
+    with pytest.raises(SystemExit, match="interrupted"):
+        data.main(base + ["--out", str(tmp_path / "C"), "--batch-size", "3", "--workers", "1"])
+    # the first corruption's 8 frames are written (calls on clip0-1, clip1-2, clip3's other size) and listed
+    done = sorted(str(p.relative_to(tmp_path / "C")) for p in (tmp_path / "C").rglob("*.jpg"))
+    assert done == sorted(f"video/gaussian_noise/severity_5/frame_{i}/clip{c}.jpg" for i in (0, 5) for c in range(4))
+    assert (tmp_path / "C" / "video" / "gaussian_noise" / "severity_5.json").is_file()
+    assert not (tmp_path / "C" / "video" / "shot_noise" / "severity_5.json").exists()
+    assert not list((tmp_path / "C").rglob("*.tmp"))
+    monkeypatch.setattr(data, "corrupt_video", real)
+    report = data.main(base + ["--out", str(tmp_path / "C"), "--batch-size", "3", "--workers", "1"])
+    assert report["skipped_existing"] == 8 and corrupted_files(tmp_path / "C") == reference
+    # and the files are the project's corruptions of each file alone: frost cropped from the set's bank
+    # (frames of clip3 are 36 x 44: the bank of size max(H, W) = 44), crowd over the set's recording
+    frame = data.read_image(tmp_path / "frames" / "frame_5" / "clip3.jpg")[None].float() / 255   # (1, 3, 36, 44)
+    iced = data.corrupt_video(frame, "frost", 5, data.file_generator(7, "frost", 5, "clip3", 5),
+                              frost_bank=data.set_frost_bank(7, 44))
+    jpeg = torchvision.io.encode_jpeg((iced[0] * 255).round().clamp(0, 255).to(torch.uint8), quality=85)
+    assert bytes(jpeg.numpy()) == reference["video/frost/severity_5/frame_5/clip3.jpg"]
+    wav, _ = data.read_wav(tmp_path / "wav" / "clip2.wav")                                          # (16000,)
+    recording = data.set_noise_recording(7, "crowd", 16000)                                         # (160000,) 10 s
+    assert recording.shape == (160000,) and recording.pow(2).mean().sqrt().item() == pytest.approx(data.NOISE_RMS, rel=0.02)
+    expected = (wav + (10 ** (8 / 20) * recording[:16000]).clamp(-1, 1)).clamp(-1, 1)  # severity 5: +8 dB, cut from its start
+    crowd, _ = data.read_wav(tmp_path / "A" / "audio" / "crowd" / "severity_5" / "clip2.wav")
+    assert (crowd - expected).abs().max().item() <= 1 / 32768 + 1e-7  # one 16-bit step
