@@ -270,7 +270,8 @@ def clip_features(model, dataset, device, batch_size=256):
     """Frozen image and text embeddings of a dataset: (N, E), (N, E)."""
     model.eval()
     feats_i, feats_t = [], []
-    for batch in data.make_loader(dataset, batch_size, shuffle=False):
+    for batch in tqdm(data.make_loader(dataset, batch_size, shuffle=False), desc="frozen CLIP embeddings", leave=False,
+                      dynamic_ncols=True, disable=len(dataset) < 5000):
         batch = data.to_device(batch, device)
         feats_i.append(model.encode_image(batch["image"]))
         feats_t.append(model.encode_text(batch["text"]))
@@ -396,6 +397,9 @@ def image_text_backbone(args, device):
     """The frozen CLIP and its tokenizer: --checkpoint (ours, or OpenAI's ViT-B-16.pt with --bpe), else the
     default embedded backbone. -> (model, tokenizer, path)."""
     if not args.checkpoint:
+        if args.config == "base":
+            raise SystemExit("error: --config base is OpenAI's CLIP ViT-B/16, which this project does not pre-train: pass "
+                             "--checkpoint ViT-B-16.pt --bpe bpe_simple_vocab_16e6.txt.gz (or drop --config).")
         if args.data not in IMAGE_TEXT_DATA:
             raise SystemExit(f"error: --data {args.data} needs the published CLIP: pass --checkpoint ViT-B-16.pt "
                              f"--config base --bpe bpe_simple_vocab_16e6.txt.gz.")

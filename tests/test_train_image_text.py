@@ -18,6 +18,7 @@ import train
     (["--data-root", "DIR", "--out", "DIR/s.pt"], "--data-root applies to the image-text data only"),
     (["--data", "food", "--bpe", "DIR/none.txt.gz"], "--bpe DIR/none.txt.gz does not exist"),
     (["--data", "food", "--results", "DIR"], "--results DIR is a folder; give a file name"),
+    (["--data", "food", "--config", "base", "--results", "DIR/r.json"], "--config base is OpenAI's CLIP ViT-B/16"),
 ])
 def test_bad_image_text_flags_are_refused_before_any_work(tmp_path, argv, message):
     argv = [a.replace("DIR", str(tmp_path)) for a in argv]
