@@ -288,7 +288,7 @@ CLIP_CONFIGS = {
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
                  embed_dim=512, context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8),
     # for this CPU: 48 x 48 images in 36 patches of 8 x 8, texts of at most 40 tokens; the vocabulary
-    # is the embedded benchmark's (data.IT_VOCAB), set when the model is built
+    # is the embedded benchmark's (data.embedded_tokenizer().vocab_size), set when the model is built
     "tiny": dict(image_size=48, patch_size=8, vision_width=64, vision_layers=4, vision_heads=4,
                  embed_dim=64, context_length=40, vocab_size=None, text_width=64, text_layers=4, text_heads=4),
 }
