@@ -87,6 +87,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+
 # ----------------------------------------------------------------------------------------------
 # Hyper-parameters (embedded benchmark defaults; the source of each is on its line)
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +124,58 @@ VARIANTS = {
     "map": {"memory": False, "gate": False, "per_case": True, "aux_weight": 0.0, "shared": False},  # MAP-style
 }
 PROTOCOLS = ("map",)  # AOEPT reports MAP's protocol: the same missing type and rate in train and test
+
+# The CLIP path (image-text; train.py --method aoept --data food | imdb | memes | mmimdb | food101 | hatememes).
+# The public code's CLIP configs, core/model/AOEPT/AOEPT_CLIP_<dataset>_<missing type>.yaml (missing rate 0.7):
+# prompt length L, lr, weight decay, and the K of the memory they load (cache/collect_token_cluster_<K>/...).
+PUBLIC_CLIP_CONFIGS = {
+    ("Food101", "text"): dict(prompt_len=6, lr=1e-2, weight_decay=2e-2, n_clusters=256),
+    ("Food101", "image"): dict(prompt_len=6, lr=1e-2, weight_decay=2e-2, n_clusters=256),
+    ("Food101", "both"): dict(prompt_len=6, lr=1e-2, weight_decay=2e-2, n_clusters=256),
+    ("HateMemes", "text"): dict(prompt_len=14, lr=1e-2, weight_decay=2e-2, n_clusters=128),
+    ("HateMemes", "image"): dict(prompt_len=6, lr=2e-2, weight_decay=2e-2, n_clusters=128),
+    ("HateMemes", "both"): dict(prompt_len=6, lr=5e-3, weight_decay=2e-2, n_clusters=128),
+    ("MMIMDB", "text"): dict(prompt_len=12, lr=1e-2, weight_decay=1e-4, n_clusters=128),
+    ("MMIMDB", "image"): dict(prompt_len=6, lr=2e-2, weight_decay=1e-4, n_clusters=128),
+    ("MMIMDB", "both"): dict(prompt_len=5, lr=2e-2, weight_decay=1e-4, n_clusters=128),
+}
+PUBLIC_DATASET = {"food": "Food101", "food101": "Food101", "memes": "HateMemes", "hatememes": "HateMemes",
+                  "imdb": "MMIMDB", "mmimdb": "MMIMDB"}  # our task -> the public code's dataset name
+CLIP_DEPTH = 4  # prompt_depth of every public CLIP config: 4 of ViT-B/16's 12 layers
+# DEVIATION: the tiny CLIP has 4 layers per tower; prompting all 4 would leave no layer after the prompted
+# ones, so the tiny model prompts its first 2 (the published model prompts 4 and runs 8 more).
+TINY_CLIP_DEPTH = 2
+MAP_PROMPT_LEN = 16  # MAP's prompt length (vilt/config.py prompt_length)
+MAP_LAYERS = 0.5  # MAP prompts layers 0-5 of ViLT's 12: half of the layers (2 of the tiny CLIP's 4)
+IMAGE_PLACEHOLDER = "black"  # the public CLIP path feeds a black image (0 before normalisation) for a missing image
+
+
+def image_text_config(task, kind, n_layers):
+    """The public config of (task, missing kind) with the prompted depth for a CLIP of n_layers per tower:
+    dict(prompt_len, lr, weight_decay, n_clusters, depth)."""
+    cfg = dict(PUBLIC_CLIP_CONFIGS[(PUBLIC_DATASET[task], kind)])
+    cfg["depth"] = CLIP_DEPTH if n_layers >= 12 else TINY_CLIP_DEPTH
+    return cfg
+
+
+# DEVIATION: the public CLIP configs train 20 epochs at batch 128 (~10,000 steps on Food-101); here 2 epochs at
+# batch 32 over the 2,000 embedded training pairs (126 steps), so a 3-task, 3-seed table runs in minutes on a CPU.
+# AdamW; the public cosine decay with 10% linear warm-up; lr and weight decay from the config of each
+# (dataset, missing type), PUBLIC_CLIP_CONFIGS.
+IMAGE_TEXT = dict(epochs=2, batch_size=32, lr=LR, weight_decay=WEIGHT_DECAY, eps=1e-8, schedule="cosine", warmup=0.1)
+IMAGE_TEXT_DEFAULT = ("map", "aoept", "no_memory", "no_instantiation", "no_aux", "no_shared")  # the table's columns
+
+# The variants on CLIP (first = the method). Each is build()'s keywords; `image_placeholder` is the data's.
+IMAGE_TEXT_VARIANTS = {
+    "aoept": {},  # memory, gate, L_aux, shared prompts: the public code's default
+    "no_memory": {"memory": False, "shared": False},  # learnable prompts in place of the MCPs (gate and L_aux kept)
+    "no_instantiation": {"gate": False},  # "w/o instantiation": no instance gate, the same MCP for every sample
+    "no_aux": {"aux_weight": 0.0},  # without the auxiliary InfoNCE
+    "no_shared": {"shared": False},  # modality-specific MCPs only
+    "map": {"memory": False, "gate": False, "per_case": True, "aux_weight": 0.0, "shared": False, "accumulate": True,
+            "prompt_len": MAP_PROMPT_LEN, "map_depth": True},  # MAP: one prompt set per missing case
+    "ones_image": {"image_placeholder": "ones"},  # the paper's placeholder for a missing image (ones after normalisation)
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,25 +438,212 @@ class AOEPT(nn.Module):
 
     def aux_loss(self, prompt_means, feats, present):
         """L_aux: InfoNCE averaged over the (layer, modality) terms that have >= 2 present samples."""
-        zero = self.head[1].weight.new_zeros(())
-        if self.aux_weight <= 0:
-            return zero
-        terms = [info_nce(p, f, present[m], self.logit_scale) for (m, p), f in zip(prompt_means, feats)]
-        terms = [t for t in terms if t is not None]
-        # Step auxiliary: L_aux = mean over the (layer, modality) terms
-        return torch.stack(terms).mean() if terms else zero
+        return aux_loss(self, prompt_means, feats, present)
 
 
-def build(backbone, **kw):
-    """A frozen CAVMAE (train.py passes a frozen deep copy) -> the prompted model of one variant."""
+def text_mean(x, eot, n_prompt=0):
+    """Mean of a text's tokens t_0 .. t_eot (the padding after the end-of-text token excluded), with the
+    first n_prompt (prompt) positions excluded. x (B, n_prompt + C, D), eot (B,) -> (B, D)."""
+    t = x[:, n_prompt:]  # (B, C, D)
+    valid = (torch.arange(t.shape[1], device=t.device)[None, :] <= eot[:, None]).to(t.dtype)  # (B, C)
+    return (t * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+
+
+def image_text_present(batch):
+    """{'i': has image, 't': has text} (B,) bool from the batch's missing codes (0 complete, 1 text
+    missing, 2 image missing; no codes: all complete)."""
+    missing = batch.get("missing")
+    if missing is None:
+        missing = torch.zeros(len(batch["image"]), dtype=torch.long, device=batch["image"].device)
+    return {"i": missing != 2, "t": missing != 1}
+
+
+class AOEPTCLIP(nn.Module):
+    """A frozen CLIP with deep prompts in both towers (the public code's CLIP path). model(batch) -> logits (B, C).
+
+    Prompts go in front of the text tokens and in front of the image class token (m = 'i' image, 't' text).
+    Flags as in AOEPT, plus accumulate: MAP's insertion, where each prompted layer prepends its prompts
+    in front of the previous ones (which stay); without it the prompts are replaced at each prompted
+    layer (AOEPT). Head: Linear(2 E -> C) on the concatenated projected image and text features.
+    """
+
+    MODALITIES = ("i", "t")
+
+    def __init__(self, backbone, num_classes, prompt_len=PROMPT_LEN, depth=CLIP_DEPTH, memory=True, gate=True,
+                 per_case=False, aux_weight=AUX_WEIGHT, num_heads=ATTN_HEADS, reduction=REDUCTION, shared=True,
+                 accumulate=False):
+        super().__init__()
+        n_layers = len(backbone.transformer.resblocks)
+        if len(backbone.visual.transformer.resblocks) != n_layers or not 1 <= depth <= n_layers:
+            raise ValueError(f"depth {depth} must be between 1 and the towers' {n_layers} blocks (equal in both towers)")
+        if memory and per_case:
+            raise ValueError("per_case prompts are the MAP baseline; use them with memory=False")
+        if shared and not memory:
+            raise ValueError("shared prompts read the memory; use them with memory=True")
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        D = {"i": backbone.visual.conv1.out_channels, "t": backbone.token_embedding.embedding_dim}
+        other = {"i": "t", "t": "i"}
+        self.prompt_len, self.depth, self.num_heads, self.accumulate = prompt_len, depth, num_heads, accumulate
+        self.use_memory, self.use_gate, self.per_case, self.aux_weight = memory, gate, per_case, aux_weight
+        self.use_shared = shared
+        if memory:
+            # Step construct: learnable queries Q^l_m (depth, L, D_m) and one LayerNorm per modality
+            self.query = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D[m]))
+                                           for m in self.MODALITIES})
+            self.prompt_norm = nn.ModuleDict({m: nn.LayerNorm(D[m]) for m in self.MODALITIES})
+            # Step distil: the frozen memory C_m (depth, K, D_m), buffers filled by `prepare` / `set_memory`
+            self.register_buffer("memory_i", torch.empty(0))
+            self.register_buffer("memory_t", torch.empty(0))
+        else:
+            # MAP: one prompt set per missing case (0 complete, 1 text missing, 2 image missing)
+            shape = (3, depth, prompt_len) if per_case else (depth, prompt_len)
+            self.prompts = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(*shape, D[m])) for m in self.MODALITIES})
+        if gate:
+            # Step instantiate: the image prompts' gate reads the text features, the text prompts' the image's
+            self.gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D[other[m]], D[m], reduction) for _ in range(depth)])
+                                       for m in self.MODALITIES})
+        if shared:
+            D_s = max(1, D["t"] // reduction)  # the public code's bottleneck: text width / reduction
+            # Step shared: one bottleneck query per layer for both modalities (depth, L, D_s)
+            self.shared_query = nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D_s))
+            self.shared_proj = nn.ModuleDict({m: nn.ModuleList([
+                nn.Sequential(nn.Linear(D_s, D_s), nn.GELU(), nn.Linear(D_s, D[m])) for _ in range(depth)])
+                for m in self.MODALITIES})
+            self.shared_norm = nn.ModuleDict({m: nn.LayerNorm(D[m]) for m in self.MODALITIES})
+            if gate:
+                self.shared_gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D[other[m]], D[m], reduction)
+                                                                    for _ in range(depth)]) for m in self.MODALITIES})
+        if aux_weight > 0:
+            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        # The public code's classifier: a new Linear on [image embedding; text embedding] (1024 -> C for ViT-B/16)
+        self.head = nn.Linear(2 * backbone.embed_dim, num_classes)
+        for p in CLIP_TRAINED_PARTS(backbone):  # the public code also trains CLIP's final LayerNorms and projections
+            p.requires_grad_(True)
+
+    def set_memory(self, memory_i, memory_t):
+        """Install the distilled memories (depth, K_m, D_m); they stay frozen buffers."""
+        self.memory_i, self.memory_t = memory_i.detach().clone(), memory_t.detach().clone()
+
+    def base_prompts(self, missing):
+        """The prompts before instantiation: {m: (depth, B or 1, L, D_m)}. missing (B,) codes 0 / 1 / 2."""
+        if self.use_memory:
+            if self.memory_i.numel() == 0:
+                raise RuntimeError("the AOEPT memory is empty: run aoept.prepare(model, train_loader, device) first.")
+            memory = {"i": self.memory_i, "t": self.memory_t}
+            return {m: modal_contextualized_prompt(self.query[m], memory[m], self.prompt_norm[m], self.num_heads)
+                    .unsqueeze(1) for m in self.MODALITIES}  # (depth, 1, L, D_m): the same for every sample
+        if self.per_case:
+            # MAP: the prompt set of the sample's missing case
+            return {m: self.prompts[m][missing].transpose(0, 1) for m in self.MODALITIES}  # (depth, B, L, D_m)
+        return {m: self.prompts[m].unsqueeze(1) for m in self.MODALITIES}
+
+    def shared_prompts(self):
+        """The shared prompts before instantiation: {m: (depth, 1, L, D_m)}, or None when off."""
+        if not self.use_shared:
+            return None
+        memory = {"i": self.memory_i, "t": self.memory_t}
+        return {m: torch.stack([shared_prompt(self.shared_query[l], self.shared_proj[m][l], memory[m][l],
+                                              self.shared_norm[m], self.num_heads) for l in range(self.depth)])
+                .unsqueeze(1) for m in self.MODALITIES}
+
+    def forward(self, batch, return_aux=False):
+        """batch dict (image, text, optional missing) -> logits (B, C); with return_aux also L_aux (scalar)."""
+        bb, L = self.backbone, self.prompt_len
+        text = batch["text"]
+        eot = text.argmax(dim=-1)  # (B,) CLIP: the end-of-text token has the largest id
+        x = {"i": bb.image_tokens(batch["image"]), "t": bb.text_tokens(text[:, : int(eot.max()) + 1])}  # (B, 1 + N, D_i), (B, C', D_t)
+        B = len(text)
+        present = image_text_present(batch)
+        missing = batch.get("missing", torch.zeros(B, dtype=torch.long, device=text.device))
+        mean = {"i": lambda h, n: token_mean(h, n), "t": lambda h, n: text_mean(h, eot, n)}  # prompts excluded
+        other = {"i": "t", "t": "i"}
+        blocks = {"i": bb.visual.transformer.resblocks, "t": bb.transformer.resblocks}
+        base, shared = self.base_prompts(missing), self.shared_prompts()
+        n_p = 0  # prompt positions at the front of each sequence
+        prompt_means, feats = [], []  # for the auxiliary loss: (modality, (B, D_m)) per prompted layer
+        for l in range(len(blocks["t"])):
+            if l < self.depth:
+                # the gate sources: each tower's mean features entering layer l (= after layer l-1)
+                # DEVIATION: the public CLIP code gates vision at layer l with the text AFTER layer l (text
+                # runs first); we use the previous layer for both towers, symmetrically.
+                c = {m: mean[m](x[m], n_p) for m in self.MODALITIES}  # (B, D_m) each
+                prompts = {}
+                for m in self.MODALITIES:
+                    p = base[m][l].expand(B, -1, -1)  # (B, L, D_m)
+                    if self.use_gate:
+                        # Step instantiate: g^l_{m,i} = sigmoid(MLP^l_m(c^{l-1}_{m',i})), 1 where m' is missing
+                        g = instance_gate(self.gate[m][l](c[other[m]]), present[other[m]])  # (B, D_m)
+                        # Step instantiate: P^l_{m,i} = P^l_m * g^l_{m,i}
+                        p = p * g.unsqueeze(1)  # (B, L, D_m)
+                    prompts[m] = p
+                    if shared is not None:
+                        s = shared[m][l].expand(B, -1, -1)  # (B, L, D_m)
+                        if self.use_gate:
+                            # Step instantiate: the shared prompt's own gate, same source and missing rule
+                            s = s * instance_gate(self.shared_gate[m][l](c[other[m]]), present[other[m]]).unsqueeze(1)
+                        prompts[m] = torch.cat([s, p], dim=1)  # (B, 2L, D_m): [shared; modality-specific]
+                if self.accumulate:
+                    # MAP: this layer's prompts go in front of the earlier layers' (which stay)
+                    x = {m: torch.cat([prompts[m], x[m]], dim=1) for m in self.MODALITIES}
+                    n_p += prompts["i"].shape[1]
+                else:
+                    # Step insert: the gated prompts REPLACE the previous layer's prompt outputs
+                    x = {m: torch.cat([prompts[m], x[m][:, n_p:]], dim=1) for m in self.MODALITIES}
+                    n_p = prompts["i"].shape[1]  # L, or 2L with the shared prompts
+            # the text tower's causal mask over [prompts; tokens]: the tokens see every prompt
+            x["i"] = blocks["i"][l](x["i"])
+            x["t"] = blocks["t"][l](x["t"], bb.causal_mask(x["t"].shape[1], x["t"].device, x["t"].dtype))
+            if l < self.depth and self.aux_weight > 0:
+                for m in self.MODALITIES:
+                    prompt_means.append((m, prompts[m][:, -L:].mean(dim=1)))  # (B, D_m) the modality-specific prompt
+                    feats.append(mean[m](x[m], n_p))  # (B, D_m) m's features after layer l
+        # Step insert: strip the prompts; CLIP's pooling (class token, end-of-text token) into the joint space
+        f = torch.cat([bb.pool_image(x["i"][:, n_p:]), bb.pool_text(x["t"][:, n_p:], eot)], dim=-1)  # (B, 2 E)
+        logits = self.head(f)  # (B, C)
+        if not return_aux:
+            return logits
+        return logits, aux_loss(self, prompt_means, feats, present)
+
+
+def CLIP_TRAINED_PARTS(backbone):
+    """The CLIP parameters the public code trains: the two projections and the final LayerNorms."""
+    return [backbone.visual.proj, backbone.text_projection, *backbone.visual.ln_post.parameters(),
+            *backbone.ln_final.parameters()]
+
+
+def aux_loss(model, prompt_means, feats, present):
+    """L_aux: InfoNCE averaged over the (layer, modality) terms that have >= 2 present samples."""
+    zero = model.head.weight.new_zeros(()) if isinstance(model.head, nn.Linear) else model.head[1].weight.new_zeros(())
+    if model.aux_weight <= 0:
+        return zero
+    terms = [info_nce(p, f, present[m], model.logit_scale) for (m, p), f in zip(prompt_means, feats)]
+    terms = [t for t in terms if t is not None]
+    # Step auxiliary: L_aux = mean over the (layer, modality) terms
+    return torch.stack(terms).mean() if terms else zero
+
+
+def build(backbone, num_classes=None, **kw):
+    """A frozen CAVMAE or CLIP (train.py passes a frozen deep copy) -> the prompted model of one variant.
+    num_classes: the CLIP head's outputs (CAV-MAE's head is its own)."""
+    if isinstance(backbone, common.CLIP):
+        if num_classes is None:
+            raise ValueError("aoept.build(CLIP) needs num_classes (the task's classes or labels)")
+        if kw.pop("map_depth", False):  # MAP's prompted layers: half of the tower's
+            kw["depth"] = max(1, round(MAP_LAYERS * len(backbone.transformer.resblocks)))
+        return AOEPTCLIP(backbone, num_classes, **kw)
     return AOEPT(backbone, **kw)
 
 
 def collect_params(model):
     """What trains: queries, prompt LayerNorms (or MAP prompts), gate MLPs, the shared query, projections,
-    LayerNorms and gates, logit scale, head.
-    Never the backbone, never the memory (a buffer)."""
+    LayerNorms and gates, logit scale, head; on CLIP also its two projections and final LayerNorms.
+    Never the rest of the backbone, never the memory (a buffer)."""
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    if isinstance(model, AOEPTCLIP):
+        ids = {id(p) for p in CLIP_TRAINED_PARTS(model.backbone)}
+        named += [(n, p) for n, p in model.named_parameters() if n.startswith("backbone.") and id(p) in ids]
     return [p for _, p in named], [n for n, _ in named]
 
 
@@ -434,21 +675,51 @@ def collect(backbone, loader, depth, device):
 
 
 @torch.no_grad()
-def distil(feats, seed=KMEANS_SEED):
+def collect_clip(backbone, loader, depth, device):
+    """collect on CLIP: frozen pass, no prompts; the mean of the tokens entering each of the first `depth`
+    blocks (image: class token and patches; text: t_0 .. t_eot, the padding excluded), per modality, only
+    over samples that have it -> {'i': (n_i, depth, D_i), 't': (n_t, depth, D_t)}."""
+    backbone.eval()
+    out = {"i": [], "t": []}
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        text = batch["text"]
+        eot = text.argmax(dim=-1)  # (B,)
+        x = {"i": backbone.image_tokens(batch["image"]), "t": backbone.text_tokens(text[:, : int(eot.max()) + 1])}
+        mask = backbone.causal_mask(x["t"].shape[1], device, x["t"].dtype)
+        present = image_text_present(batch)
+        blocks = {"i": backbone.visual.transformer.resblocks, "t": backbone.transformer.resblocks}
+        for m in ("i", "t"):
+            means = []
+            for l in range(depth):
+                # Step collect: c^l_{m,i} = mean_n h^l_{m,i,n}, h^l the tokens entering block l
+                means.append(token_mean(x[m]) if m == "i" else text_mean(x[m], eot))  # (B, D_m)
+                x[m] = blocks[m][l](x[m]) if m == "i" else blocks[m][l](x[m], mask)
+            out[m].append(torch.stack(means, dim=1)[present[m]])  # (n_batch, depth, D_m), missing skipped
+    D = {"i": backbone.visual.conv1.out_channels, "t": backbone.token_embedding.embedding_dim}
+    return {m: torch.cat(v) if v else torch.empty(0, depth, D[m], device=device) for m, v in out.items()}
+
+
+@torch.no_grad()
+def distil(feats, seed=KMEANS_SEED, k_max=N_CLUSTERS):
     """distil: per-layer K-means of the collected means. feats (n, depth, D) -> memory (depth, K, D)."""
     n, depth, D = feats.shape
     if n == 0:
         # the public code's fallback when a modality was never observed: N random tokens
         g = torch.Generator().manual_seed(seed)
         return (INIT_STD * torch.randn(depth, RANDOM_MEMORY, D, generator=g)).to(feats)
-    k = n_clusters(n)
+    k = n_clusters(n, k_max)
     return torch.stack([kmeans(feats[:, l], k, seed=seed) for l in range(depth)])  # (depth, K, D)
 
 
-def prepare(model, loader, device):
+def prepare(model, loader, device, k_max=N_CLUSTERS):
     """Collect + distil over the (missing-masked) training split into the model's frozen memory."""
     if not model.use_memory:
-        return  # the MAP-style baseline has no memory
+        return  # the MAP baseline has no memory
+    if isinstance(model, AOEPTCLIP):
+        feats = collect_clip(model.backbone, loader, model.depth, device)
+        model.set_memory(distil(feats["i"], k_max=k_max), distil(feats["t"], k_max=k_max))
+        return
     feats = collect(model.backbone, loader, model.depth, device)
     model.set_memory(distil(feats["a"]), distil(feats["v"]))
 
@@ -459,7 +730,9 @@ def prepare(model, loader, device):
 def train_step(model, batch, optimizer):
     """Forward, L = L_task + alpha L_aux, zero_grad / backward / clip / step. -> (logits, losses)."""
     logits, aux = model(batch, return_aux=True)  # (B, C), scalar
-    task = F.cross_entropy(logits, batch["label"])
+    label = batch["label"]
+    # the task loss: cross-entropy, or binary cross-entropy per label for multi-label targets (MM-IMDb)
+    task = F.binary_cross_entropy_with_logits(logits, label) if label.is_floating_point() else F.cross_entropy(logits, label)
     # Step total: L = L_task + 0.05 L_aux
     total = task + model.aux_weight * aux
     optimizer.zero_grad(set_to_none=True)

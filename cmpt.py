@@ -84,6 +84,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+
 # ----------------------------------------------------------------------------------------------
 # Hyper-parameters
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +118,23 @@ VARIANTS = {
     "baseline": {"proxy": False, "modality_dropout": False},  # Fig. 3/7: no CMPT, no dropout
 }
 PROTOCOLS = ("inference", "map")  # Sec. 4: missing at inference only; missing in training and test
+
+# The CLIP path (image-text; train.py --method cmpt --data food | imdb | memes | mmimdb | food101 | hatememes).
+# Paper, Table 6 (image-text): AdamW eps 1e-8, weight decay 0.02, lr 1e-3, 10 epochs, batch 8, polynomial
+# decay (power 0.9) after 5 warm-up epochs at 0.1 x lr.
+# DEVIATION: the paper's 10 epochs of batch 8 are ~76,000 steps on Food-101; a 3-task, 3-seed table must run in
+# minutes on a CPU, so 2 epochs of batch 32 over the 2,000 embedded training pairs (126 steps), at lr 1e-2
+# (10x the paper's: 600x fewer steps; the same lr as the audio-visual runs), warm-up 10% of the steps at 0.1 x lr.
+IMAGE_TEXT = dict(epochs=2, batch_size=32, lr=1e-2, weight_decay=0.02, eps=1e-8, schedule="poly", warmup=0.1)
+IMAGE_PLACEHOLDER = "zeros"  # a missing image is zeros (Sec. 3.5, after Lee et al.); a missing text the empty string
+IMAGE_TEXT_VARIANTS = {
+    "cmpt": {},  # proxy tokens, lambda = 0.2, modality dropout, LoRA
+    "lambda0": {"lam": 0.0},  # Table 5's lambda = 0
+    "dropout": {"proxy": False, "modality_dropout": True},  # modality dropout, no CMPT (LoRA kept)
+    "baseline": {"proxy": False, "modality_dropout": False},  # no CMPT, no dropout (LoRA kept)
+    "head_only": {"proxy": False, "modality_dropout": False, "lora": False},  # frozen CLIP, a linear head on CLS_1 + CLS_2
+}
+IMAGE_TEXT_DEFAULT = ("head_only", "cmpt", "lambda0", "dropout")  # the table's columns (`baseline` on request)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +184,10 @@ def fuse(cls_1, cls_2, cmpt_1, cmpt_2, has_1, has_2):
 
 
 def task_loss(logits, label):
-    """Cross-entropy of the classifier h (Eq. 6 output). logits (B, K), label (B,) -> scalar."""
+    """The task loss of the classifier h (Eq. 6 output), logits (B, K) -> scalar: cross-entropy for class
+    indices (B,), binary cross-entropy per label for multi-label targets (B, K) in {0, 1} (MM-IMDb, Sec. 3.5)."""
+    if label.is_floating_point():
+        return F.binary_cross_entropy_with_logits(logits, label)
     return F.cross_entropy(logits, label)
 
 
@@ -177,46 +199,45 @@ def total_loss(task, align, lam):
     return task + lam * align
 
 
-def drop_modality(audio, video, has_a, has_v, p_drop_audio=P_DROP_AUDIO, p_drop_video=P_DROP_VIDEO, u=None):
+def drop_modality(x_1, x_2, has_1, has_2, p_drop_1=P_DROP_AUDIO, p_drop_2=P_DROP_VIDEO, u=None, blank_1=None, blank_2=None):
     """Random modality dropout for one iteration (Sec. 3.5).
 
-    audio (B, T, F), video (B, 3, H, W), has_a / has_v (B,) bool -> the same four, with one
-    modality removed (placeholder zeros, has_* False) from every complete sample, or unchanged.
+    x_1, x_2: the two inputs, (B, ...) each (audio (B, T, F) and video (B, 3, H, W), or image and text
+    ids); has_1 / has_2 (B,) bool -> the same four, with one modality removed from every complete sample
+    (replaced by its placeholder blank_m, broadcastable to x_m, default zeros; has_m False), or unchanged.
     u: the iteration's uniform draw in [0, 1) (default: torch.rand, the global generator).
     """
     u = torch.rand(()).item() if u is None else u
-    complete = has_a & has_v  # (B,)
-    # DEVIATION: paper gives no probabilities; drop audio with P_DROP_AUDIO, video with
-    # P_DROP_VIDEO, keep both otherwise; only complete samples lose a modality.
-    if u < p_drop_audio:
-        has_a = has_a & ~complete
-    elif u < p_drop_audio + p_drop_video:
-        has_v = has_v & ~complete
+    complete = has_1 & has_2  # (B,)
+    # DEVIATION: paper gives no probabilities; drop m1 with p_drop_1, m2 with p_drop_2, keep both
+    # otherwise; only complete samples lose a modality.
+    if u < p_drop_1:
+        has_1 = has_1 & ~complete
+    elif u < p_drop_1 + p_drop_2:
+        has_2 = has_2 & ~complete
     else:
-        return audio, video, has_a, has_v
-    # Missing input placeholder: zeros for audio and video (Sec. 3.5).
-    audio = torch.where(has_a[:, None, None], audio, torch.zeros_like(audio))
-    video = torch.where(has_v[:, None, None, None], video, torch.zeros_like(video))
-    return audio, video, has_a, has_v
+        return x_1, x_2, has_1, has_2
+
+    def place(x, has, blank):
+        # Missing input placeholder: zeros for image, audio and video; the empty string for text (Sec. 3.5)
+        blank = torch.zeros_like(x) if blank is None else blank.to(x)
+        return torch.where(has.view(-1, *[1] * (x.dim() - 1)), x, blank)
+
+    return place(x_1, has_1, blank_1), place(x_2, has_2, blank_2), has_1, has_2
 
 
 # ----------------------------------------------------------------------------------------------
 # Model surgery: LoRA, tokens, head
 # ----------------------------------------------------------------------------------------------
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus `splits` independent rank-r updates, one per equal part of its output.
+class LoRA(nn.Module):
+    """`splits` independent rank-r updates, one per equal part of the output, without the frozen weight:
+    x -> (alpha / r) concat_s(B_s A_s dropout(x)),  A_s (r, D_in), B_s (D_out / splits, r).
+    A is Kaiming-uniform, B zero (the LoRA paper's init): the update starts at exactly 0."""
 
-    y = W x + b + (alpha / r) concat_s(B_s A_s dropout(x)),  A_s (r, D_in), B_s (D_out / splits, r).
-    A is Kaiming-uniform, B zero (the LoRA paper's init): at the start y = W x + b exactly.
-    """
-
-    def __init__(self, base, rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, splits=1):
+    def __init__(self, d_in, d_out, rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, splits=1, device=None,
+                 dtype=None):
         super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        d_out, d_in = base.weight.shape
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=device, dtype=dtype)
         self.splits, self.scaling = splits, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(splits, rank, d_in, **kw))  # (S, r, D_in)
         self.lora_B = nn.Parameter(torch.zeros(splits, d_out // splits, rank, **kw))  # (S, D_out/S, r)
@@ -224,17 +245,43 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A[s], a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
+    def delta(self, x):
+        """x (..., D_in) -> the update (..., D_out)."""
+        h = torch.einsum("...i,sri->...sr", self.dropout(x), self.lora_A)  # (..., S, r)
+        return self.scaling * torch.einsum("...sr,sor->...so", h, self.lora_B).flatten(-2)  # (..., D_out)
+
+    def forward(self, x):
+        return self.delta(x)
+
+
+class LoRALinear(LoRA):
+    """A frozen nn.Linear plus its LoRA update: y = W x + b + (alpha / r) concat_s(B_s A_s dropout(x))."""
+
+    def __init__(self, base, rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, splits=1):
+        d_out, d_in = base.weight.shape
+        super().__init__(d_in, d_out, rank, alpha, dropout, splits, device=base.weight.device, dtype=base.weight.dtype)
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+
     def forward(self, x):
         """x (..., D_in) -> (..., D_out)."""
-        h = torch.einsum("...i,sri->...sr", self.dropout(x), self.lora_A)  # (..., S, r)
-        delta = torch.einsum("...sr,sor->...so", h, self.lora_B).flatten(-2)  # (..., D_out)
         # Eq. (3) W x + b + (alpha / r) B A dropout(x)
-        return self.base(x) + self.scaling * delta
+        return self.base(x) + self.delta(x)
 
 
 def add_lora(blocks, rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT):
-    """LoRA on q, k, v and the output projection of every block (Sec. 4.2), in place."""
+    """LoRA on q, k, v and the output projection of every block (Sec. 4.2), in place: CAV-MAE's blocks
+    (`attn.qkv`, `attn.proj`) or CLIP's (`attn.in_proj_weight` fused, `attn.out_proj`)."""
     for blk in blocks:
+        if isinstance(blk.attn, common.FusedQKVAttention):
+            D = blk.attn.out_proj.in_features
+            w = blk.attn.in_proj_weight
+            # DEVIATION: CLIP fuses q, k, v in in_proj_weight (3 D, D); three rank-r updates, one per
+            # row block (q, k, v), are added to its output: separate LoRA on q, k and v.
+            blk.attn.qkv_adapter = LoRA(D, 3 * D, rank, alpha, dropout, splits=3, device=w.device, dtype=w.dtype)
+            blk.attn.out_proj = LoRALinear(blk.attn.out_proj, rank, alpha, dropout, splits=1)
+            continue
         # DEVIATION: CAV-MAE fuses q, k, v in one Linear; splits=3 gives q, k, v their own rank-r
         # LoRA, as on the paper's separate projections (one LoRA-dropout mask shared by the three).
         blk.attn.qkv = LoRALinear(blk.attn.qkv, rank, alpha, dropout, splits=3)
@@ -242,13 +289,15 @@ def add_lora(blocks, rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT):
 
 
 class CMPTModel(nn.Module):
-    """Frozen CAV-MAE encoders + CLS/CMPT tokens + LoRA + linear head. model(batch) -> logits (B, K).
+    """Frozen CAV-MAE encoders (m1 = audio, m2 = video) + CLS/CMPT tokens + LoRA + linear head.
+    model(batch) -> logits (B, K).
 
     proxy: with CMPT tokens and the gating of Eq. 5 (False: CLS tokens only, plain addition).
-    lam: lambda of Eq. 7. modality_dropout: random modality dropout in train_step.
+    lam: lambda of Eq. 7. modality_dropout: random modality dropout in train_step. lora: LoRA on the
+    attention projections (False: the encoders stay exactly the source model's).
     """
 
-    def __init__(self, backbone, proxy=True, lam=LAMBDA, modality_dropout=True):
+    def __init__(self, backbone, proxy=True, lam=LAMBDA, modality_dropout=True, lora=True):
         super().__init__()
         for p in backbone.parameters():  # Eq. 1 and Theta_m of Eq. 3: frozen
             p.requires_grad_(False)
@@ -266,8 +315,9 @@ class CMPTModel(nn.Module):
             tokens += [self.cmpt_a, self.cmpt_v]
         for t in tokens:
             nn.init.trunc_normal_(t, std=TOKEN_INIT_STD)
-        add_lora(backbone.blocks_a)  # Delta_a of Eq. 3
-        add_lora(backbone.blocks_v)  # Delta_v of Eq. 3
+        if lora:
+            add_lora(backbone.blocks_a)  # Delta_a of Eq. 3
+            add_lora(backbone.blocks_v)  # Delta_v of Eq. 3
         # DEVIATION: CAV-MAE's unified block and mlp_head are not used; CMPT classifies the fused
         # tokens with a new linear head.
         self.head = nn.Linear(D, K, **kw)  # h of Eq. 6
@@ -304,19 +354,137 @@ class CMPTModel(nn.Module):
                                                             getattr(self, f"cmpt_{m}", None))  # (B, D) each
         return out
 
-    def fused(self, tok, has_a, has_v):
-        """The head's input T (B, D): Eq. 5 with proxies, else CLS^_a + CLS^_v of whatever came in."""
+    # -- the interface train_step uses (the same for both backbones) ----------------------------
+    def inputs(self, batch):
+        """-> x_1 = audio (B, T, F), x_2 = video (B, 3, H, W), has_1, has_2 (B,) bool."""
+        has_a, has_v = availability(batch)
+        return batch["audio"], batch["video"], has_a, has_v
+
+    def blanks(self, x_1, x_2):
+        """The placeholders of a dropped modality: zeros for audio and video (None = zeros)."""
+        return None, None
+
+    def pair_tokens(self, x_1, x_2, has_1, has_2):
+        """-> {cls_1, cls_2, cmpt_1, cmpt_2}: (B, D) each (m1 = audio, m2 = video)."""
+        tok = self.tokens(x_1, x_2, has_1, has_2)
+        return {"cls_1": tok["cls_a"], "cls_2": tok["cls_v"], "cmpt_1": tok.get("cmpt_a"), "cmpt_2": tok.get("cmpt_v")}
+
+    def fused(self, tok, has_1, has_2):
+        """The head's input T (B, D): Eq. 5 with proxies, else CLS^_1 + CLS^_2 of whatever came in."""
         if self.proxy:
-            return fuse(tok["cls_a"], tok["cls_v"], tok["cmpt_a"], tok["cmpt_v"], has_a, has_v)
+            return fuse(tok["cls_1"], tok["cls_2"], tok["cmpt_1"], tok["cmpt_2"], has_1, has_2)
         # DEVIATION: without proxy tokens there is no gating: the placeholder's class token is added.
-        return tok["cls_a"] + tok["cls_v"]
+        return tok["cls_1"] + tok["cls_2"]
 
     def forward(self, batch):
         """batch dict (audio, video, optional has_audio / has_video) -> logits (B, K)."""
-        has_a, has_v = availability(batch)
-        tok = self.tokens(batch["audio"], batch["video"], has_a, has_v)
+        x_1, x_2, has_1, has_2 = self.inputs(batch)
         # Eq. (6) y_hat = h(T)
-        return self.head(self.fused(tok, has_a, has_v))  # (B, K)
+        return self.head(self.fused(self.pair_tokens(x_1, x_2, has_1, has_2), has_1, has_2))  # (B, K)
+
+
+def proxy_text_mask(eot, n):
+    """Attention mask of the text tower with the proxy in front, [CMPT, t_0 .. t_{n-1}]: the proxy (row 0)
+    sees itself and every text token up to its sample's end-of-text token; text token i sees text tokens
+    0..i (CLIP's causal mask) and not the proxy. eot (B,) end-of-text positions among the n text tokens
+    -> additive mask (B, 1, 1 + n, 1 + n): 0 attended, -inf not."""
+    j = torch.arange(1 + n, device=eot.device)  # (1 + n,) positions in the sequence with the proxy
+    sees = (j[None, :] <= j[:, None]).repeat(len(eot), 1, 1)  # (B, 1 + n, 1 + n) causal: row i sees j <= i
+    sees[:, 1:, 0] = False  # the text tokens do not see the proxy
+    sees[:, 0] = j[None, :] <= eot[:, None] + 1  # the proxy sees itself and t_0 .. t_eot
+    mask = torch.zeros(sees.shape, device=eot.device).masked_fill(~sees, float("-inf"))
+    return mask[:, None]  # (B, 1, 1 + n, 1 + n), broadcast over the heads
+
+
+class CMPTCLIP(nn.Module):
+    """Frozen CLIP towers (m1 = image, m2 = text) + CMPT tokens + LoRA + linear head. model(batch) -> logits (B, K).
+
+    The image tower's class token and the text tower's end-of-text token are CLIP's own class tokens
+    (CLS_1, CLS_2); both modalities are read after their tower's final LayerNorm and projection, in
+    CLIP's joint space of width E (the widths of Eqs. 4-5 must agree: ViT-B/16 768, text 512, joint 512).
+    Flags as in CMPTModel.
+    """
+
+    def __init__(self, backbone, num_classes, proxy=True, lam=LAMBDA, modality_dropout=True, lora=True):
+        super().__init__()
+        for p in backbone.parameters():  # Eq. 1 and Theta_m of Eq. 3: frozen
+            p.requires_grad_(False)
+        self.backbone = backbone
+        self.proxy, self.lam, self.modality_dropout = proxy, lam, modality_dropout
+        vis = backbone.visual
+        D_v, D_t, E = vis.conv1.out_channels, backbone.token_embedding.embedding_dim, backbone.embed_dim
+        kw = dict(device=vis.proj.device, dtype=vis.proj.dtype)
+        if proxy:
+            self.cmpt_1 = nn.Parameter(torch.zeros(1, 1, D_v, **kw))  # t_CMPT,image: the image's proxy of CLS_text
+            self.cmpt_2 = nn.Parameter(torch.zeros(1, 1, D_t, **kw))  # t_CMPT,text: the text's proxy of CLS_image
+            for t in (self.cmpt_1, self.cmpt_2):
+                nn.init.trunc_normal_(t, std=TOKEN_INIT_STD)
+        if lora:
+            add_lora(vis.transformer.resblocks)  # Delta_image of Eq. 3
+            add_lora(backbone.transformer.resblocks)  # Delta_text of Eq. 3
+        self.head = nn.Linear(E, num_classes, **kw)  # h of Eq. 6
+
+    def encode_image(self, image):
+        """image (B, 3, S, S) -> CLS^_1, CMPT^_1 (or None): (B, E) each."""
+        bb, n = self.backbone, int(self.proxy)
+        prefix = self.cmpt_1.expand(len(image), -1, -1) if self.proxy else None
+        # Eq. (2) T~_image = Concat(T_CMPT, T_CLS, T_image)   (the proxy goes through ln_pre, without a position)
+        x = bb.image_tokens(image, prefix=prefix)  # (B, n + 1 + N, D_v)
+        # Eq. (3) T^_image = f_image(T~_image; Theta frozen, Delta LoRA)
+        x = bb.run_blocks(bb.visual.transformer.resblocks, x)  # (B, n + 1 + N, D_v)
+        cls = bb.pool_image(x[:, n:])  # (B, E): ln_post(class token) @ proj, as CLIP
+        cmpt = bb.visual.ln_post(x[:, 0]) @ bb.visual.proj if self.proxy else None  # (B, E)
+        return cls, cmpt
+
+    def encode_text(self, text):
+        """ids (B, C) -> CLS^_2 (the end-of-text token), CMPT^_2 (or None): (B, E) each."""
+        bb, n = self.backbone, int(self.proxy)
+        eot = text.argmax(dim=-1)  # (B,) CLIP: the end-of-text token has the largest id
+        x = bb.text_tokens(text[:, : int(eot.max()) + 1])  # (B, C', D_t); the padding after it is never read
+        if self.proxy:
+            # DEVIATION: CMPT's text encoder is BERT (bidirectional); CLIP's text tower is causal, so a proxy in
+            # front would see only itself. It sees every token of its text instead, and the text tokens keep
+            # CLIP's causal mask and do not see it (their outputs are CLIP's at LoRA = 0).
+            mask = proxy_text_mask(eot, x.shape[1])  # (B, 1, 1 + C', 1 + C')
+            # Eq. (2) T~_text = Concat(T_CMPT, T_text)   (CLIP's class token is the end-of-text token)
+            x = torch.cat([self.cmpt_2.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + C', D_t)
+        else:
+            mask = bb.causal_mask(x.shape[1], x.device, x.dtype)  # (C', C')
+        # Eq. (3) T^_text = f_text(T~_text; Theta frozen, Delta LoRA)
+        x = bb.run_blocks(bb.transformer.resblocks, x, mask)
+        cls = bb.pool_text(x[:, n:], eot)  # (B, E): ln_final(end-of-text token) @ text_projection
+        cmpt = bb.ln_final(x[:, 0]) @ bb.text_projection if self.proxy else None  # (B, E)
+        return cls, cmpt
+
+    def inputs(self, batch):
+        """-> x_1 = image (B, 3, S, S), x_2 = text ids (B, C), has_1, has_2 (B,) bool, from the batch's
+        missing codes (0 complete, 1 text missing, 2 image missing; none: all complete)."""
+        missing = batch.get("missing")
+        if missing is None:
+            missing = torch.zeros(len(batch["image"]), dtype=torch.long, device=batch["image"].device)
+        return batch["image"], batch["text"], missing != 2, missing != 1
+
+    def blanks(self, image, text):
+        """Placeholders of a dropped modality: zeros for the image, the empty string for the text
+        ([start, end] then padding; CLIP's ids: end = the largest id, start = end - 1)."""
+        empty = torch.zeros(text.shape[1], dtype=text.dtype, device=text.device)  # (C,)
+        empty[0], empty[1] = self.backbone.vocab_size - 2, self.backbone.vocab_size - 1
+        return None, empty
+
+    def pair_tokens(self, image, text, has_1, has_2):
+        """-> {cls_1, cls_2, cmpt_1, cmpt_2}: (B, E) each; a modality absent from the whole batch is not encoded."""
+        out = {}
+        for m, x, has, encode in (("1", image, has_1, self.encode_image), ("2", text, has_2, self.encode_text)):
+            if self.proxy and not bool(has.any()):
+                # DEVIATION: paper silent; missing for the whole batch: no encoder pass (see CMPTModel.tokens).
+                zero = self.head.weight.new_zeros(len(x), self.backbone.embed_dim)  # (B, E)
+                out[f"cls_{m}"], out[f"cmpt_{m}"] = zero, zero
+                continue
+            out[f"cls_{m}"], out[f"cmpt_{m}"] = encode(x)
+        return out
+
+    fused = CMPTModel.fused
+    forward = CMPTModel.forward
 
 
 def availability(batch):
@@ -326,9 +494,15 @@ def availability(batch):
     return batch.get("has_audio", full), batch.get("has_video", full)
 
 
-def build(backbone, proxy=True, lam=LAMBDA, modality_dropout=True):
-    """A CMPT model (or one of its ablations) around a frozen CAV-MAE; the backbone is changed in place."""
-    return CMPTModel(backbone, proxy=proxy, lam=lam, modality_dropout=modality_dropout)
+def build(backbone, num_classes=None, proxy=True, lam=LAMBDA, modality_dropout=True, lora=True):
+    """A CMPT model (or one of its ablations) around a frozen CAV-MAE or CLIP; the backbone is changed in place.
+    num_classes: the head's outputs for CLIP (CAV-MAE's own count otherwise)."""
+    kw = dict(proxy=proxy, lam=lam, modality_dropout=modality_dropout, lora=lora)
+    if isinstance(backbone, common.CLIP):
+        if num_classes is None:
+            raise ValueError("cmpt.build(CLIP) needs num_classes (the task's classes or labels)")
+        return CMPTCLIP(backbone, num_classes, **kw)
+    return CMPTModel(backbone, **kw)
 
 
 def collect_params(model):
@@ -350,17 +524,17 @@ def collect_params(model):
 def train_step(model, batch, optimizer):
     """Modality dropout, forward, Eq. 4-7, zero_grad / backward / step. -> (logits, loss floats)."""
     model.train()
-    audio, video, label = batch["audio"], batch["video"], batch["label"]
-    has_a, has_v = availability(batch)  # (B,), (B,)
+    x_1, x_2, has_1, has_2 = model.inputs(batch)  # inputs, (B,), (B,)
     if model.modality_dropout:
-        audio, video, has_a, has_v = drop_modality(audio, video, has_a, has_v)
-    tok = model.tokens(audio, video, has_a, has_v)  # Eq. 1-3: cls_a, cls_v, cmpt_a, cmpt_v, each (B, D)
-    T = model.fused(tok, has_a, has_v)  # Eq. 5, (B, D)
+        blank_1, blank_2 = model.blanks(x_1, x_2)
+        x_1, x_2, has_1, has_2 = drop_modality(x_1, x_2, has_1, has_2, blank_1=blank_1, blank_2=blank_2)
+    tok = model.pair_tokens(x_1, x_2, has_1, has_2)  # Eq. 1-3: cls_1, cls_2, cmpt_1, cmpt_2, each (B, D)
+    T = model.fused(tok, has_1, has_2)  # Eq. 5, (B, D)
     # Eq. (6) y_hat = h(T)
     logits = model.head(T)  # (B, K)
-    task = task_loss(logits, label)
+    task = task_loss(logits, batch["label"])
     if model.proxy:
-        align = alignment_loss(tok["cmpt_a"], tok["cls_v"], tok["cmpt_v"], tok["cls_a"], complete=has_a & has_v)
+        align = alignment_loss(tok["cmpt_1"], tok["cls_2"], tok["cmpt_2"], tok["cls_1"], complete=has_1 & has_2)
     else:
         align = torch.zeros((), device=logits.device, dtype=logits.dtype)
     total = total_loss(task, align, model.lam)

@@ -307,7 +307,7 @@ class QuickGELU(nn.Module):
 class FusedQKVAttention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameters: in_proj_weight (3 D, D) holding
     the q, k, v projections as row blocks, in_proj_bias (3 D,), out_proj (D -> D). A method that adapts
-    q, k or v (CMPT's LoRA) overrides `project_qkv`."""
+    q, k or v (CMPT's LoRA) sets `qkv_adapter`, a module x (B, N, D) -> (B, N, 3 D) added to [q | k | v]."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -315,10 +315,12 @@ class FusedQKVAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
+        self.qkv_adapter = None  # no module, no state-dict keys until a method sets one
 
     def project_qkv(self, x):
         """x (B, N, D) -> [q | k | v] (B, N, 3 D)."""
-        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return qkv if self.qkv_adapter is None else qkv + self.qkv_adapter(x)
 
     def forward(self, x, attn_mask=None):
         """x (B, N, D) -> (B, N, D). attn_mask: (N, N) added to the logits (-inf = not attended)."""
@@ -410,12 +412,15 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=c["text_width"] ** -0.5)
 
     # -- tokens -------------------------------------------------------------------------------
-    def image_tokens(self, image):
-        """image (B, 3, S, S) -> [class; patches] + positions, after ln_pre: (B, 1 + N, D_v)."""
+    def image_tokens(self, image, prefix=None):
+        """image (B, 3, S, S) -> [class; patches] + positions, after ln_pre: (B, 1 + N, D_v).
+        prefix (B, P, D_v): extra tokens put in front of the class token before ln_pre, without a
+        position (CMPT's proxy token) -> (B, P + 1 + N, D_v)."""
         v = self.visual
         x = v.conv1(image).flatten(2).transpose(1, 2)                         # (B, N, D_v), row-major patches
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)         # (B, 1, D_v)
-        return v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding               # (B, 1 + N, D_v)
+        return v.ln_pre(x if prefix is None else torch.cat([prefix, x], dim=1))
 
     def text_tokens(self, text):
         """ids (B, C), C <= context_length -> token + position embeddings (B, C, D_t)."""

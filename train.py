@@ -39,6 +39,7 @@ A missing-modality method module (`cmpt.py`, `aoept.py`) provides:
 """
 import argparse
 import copy
+import hashlib
 import importlib
 import math
 import os
@@ -561,6 +562,252 @@ def run_missing(args):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Missing-modality protocols on image-text (CMPT's and AOEPT's tables)
+# ----------------------------------------------------------------------------------------------
+IT_MAP_KINDS = ("text", "image", "both")  # MAP protocol rows: missing-text, missing-image, missing-both
+IT_TEXT_AVAILABLE = (10, 30, 50, 70, 90)  # CMPT Figure 2: every image missing, x% of the texts available
+MISSING_TABLE_DIR = os.path.join(RESULTS_DIR, "missing_tables")
+_MEMORY_CACHE = {}  # AOEPT's collect + distil, once per (backbone, dataset, missing table, depth, K)
+
+
+def image_text_ids(args, task, split, dataset):
+    """The sample ids a missing table is keyed by: the dataset's own ids, or '<task>-<split>-<i>' for an embedded task."""
+    if isinstance(dataset, data.ImageTextFiles):
+        return dataset.ids
+    return [f"{data.it_embedded_id()}-seed{args.data_seed}-{task}-{split}-{i}" for i in range(len(dataset))]
+
+
+def missing_split(args, task, split, dataset, kind, rate):
+    """The missing table of one split: results/missing_tables/missing_<task>_<split>_<kind>_<rate>_seed<s>.json,
+    drawn once (seeded by --table-seed) and read again by every method and seed."""
+    path = data.missing_table_path(MISSING_TABLE_DIR, task, split, kind, rate, args.table_seed)
+    return data.load_or_make_missing_table(path, image_text_ids(args, task, split, dataset), kind, rate, args.table_seed)
+
+
+def weights_hash(model):
+    """A short hash of a model's weights (keys the AOEPT memory cache)."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def schedule(kind, total, warmup, power=0.9, warmup_factor=0.1):
+    """lr multiplier at step t of `total`: 'poly' = CMPT's (warmup_factor x lr for the warm-up steps, then
+    (1 - progress)^power), 'cosine' = AOEPT's (linear warm-up, then cosine to 0)."""
+    w = max(1, round(warmup * total))
+
+    def factor(t):
+        if t < w:
+            return warmup_factor if kind == "poly" else (t + 1) / w
+        progress = (t - w) / max(1, total - w)
+        return (1 - progress) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+@torch.no_grad()
+def image_text_logits(model, dataset, device, batch_size=256):
+    """(logits (N, K), labels) of a model over a dataset."""
+    model.eval()
+    out, labels = [], []
+    for batch in data.make_loader(dataset, batch_size, shuffle=False):
+        batch = data.to_device(batch, device)
+        out.append(model(batch))
+        labels.append(batch["label"])
+    return torch.cat(out).cpu(), torch.cat(labels).cpu()
+
+
+def fit_image_text(module, variant, backbone, train_set, info, cfg, args, device, seed, desc, memory_key=None):
+    """Build one variant on a copy of the frozen CLIP, train it with the method's image-text recipe (`cfg`);
+    returns (model, ms per training step)."""
+    common.seed_everything(seed)
+    kw = {k: v for k, v in {**cfg.get("build", {}), **variant}.items() if k != "image_placeholder"}
+    model = module.build(copy_frozen(backbone), num_classes=info["num_classes"], **kw).to(device)
+    if getattr(model, "use_memory", False):  # AOEPT: collect + distil, cached
+        key = (memory_key, model.depth, cfg.get("n_clusters"))
+        if key not in _MEMORY_CACHE:
+            module.prepare(model, data.make_loader(train_set, 256, shuffle=False), device, k_max=cfg["n_clusters"])
+            _MEMORY_CACHE[key] = (model.memory_i, model.memory_t)
+        model.set_memory(*_MEMORY_CACHE[key])
+    batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
+    loader = data.make_loader(train_set, batch_size, shuffle=True, seed=seed)
+    params, _ = module.collect_params(model)
+    epochs = cfg["epochs"] if args.epochs is None else args.epochs
+    lr = cfg["lr"] if args.lr is None else args.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"], eps=cfg["eps"])
+    total = max(1, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg["schedule"], total, cfg["warmup"]))
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    step_seconds = []
+    for _ in range(epochs):
+        model.train()
+        for batch in loader:
+            batch = data.to_device(batch, device)
+            t0 = time.perf_counter()
+            _, losses = module.train_step(model, batch, opt)
+            step_seconds.append(time.perf_counter() - t0)
+            sched.step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+    bar.close()
+    return model.eval(), 1000 * float(np.median(step_seconds))
+
+
+@torch.no_grad()
+def frozen_forward_ms(backbone, dataset, batch_size, device, repeats=5):
+    """Median time (ms) of the frozen CLIP's plain forward pass (both towers) on one training batch."""
+    batch = data.to_device(next(iter(data.make_loader(dataset, batch_size, shuffle=False))), device)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        backbone.encode_image(batch["image"]), backbone.encode_text(batch["text"])
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times[1:]))
+
+
+def image_text_recipe(module, task, kind, backbone):
+    """The training recipe of a method on one (task, missing kind): its IMAGE_TEXT dict, with AOEPT's public
+    per-dataset config (prompt length, lr, weight decay, K, depth)."""
+    cfg = dict(module.IMAGE_TEXT)
+    if hasattr(module, "image_text_config"):
+        pub = module.image_text_config(task, kind, len(backbone.transformer.resblocks))
+        cfg.update(lr=pub["lr"], weight_decay=pub["weight_decay"], n_clusters=pub["n_clusters"],
+                   build=dict(prompt_len=pub["prompt_len"], depth=pub["depth"]))
+    return cfg
+
+
+def map_setting(kind, rate):
+    """'missing-both 70% (image/text 65/65% available)': MAP's name and CMPT's (image, text) availability."""
+    avail = {"text": (100, 100 * (1 - rate)), "image": (100 * (1 - rate), 100),
+             "both": (100 * (1 - rate / 2), 100 * (1 - rate / 2))}[kind]
+    return f"missing-{kind} {100 * rate:g}% (image/text {avail[0]:g}/{avail[1]:g}% available)"
+
+
+def run_image_text_missing(args, methods, tasks):
+    """The missing-modality tables on image-text: for each task, every variant of every method, every seed.
+    MAP protocol (both papers): the same missing type and rate in training and test. CMPT's inference
+    protocol: trained on complete data, tested with a modality missing. -> rows, timings."""
+    device = common.get_device(args.device)
+    modules = {m: importlib.import_module(METHODS[m]) for m in methods}
+    variants = {m: [v for v in (args.variants or list(mod.IMAGE_TEXT_DEFAULT)) if v in mod.IMAGE_TEXT_VARIANTS]
+                for m, mod in modules.items()}
+    bad = [v for v in (args.variants or []) if not any(v in mod.IMAGE_TEXT_VARIANTS for mod in modules.values())]
+    if bad:
+        names = ", ".join(v for mod in modules.values() for v in mod.IMAGE_TEXT_VARIANTS)
+        raise SystemExit(f"error: unknown variant {bad[0]!r} of {' / '.join(methods)} on image-text; choose from {names}.")
+    rate = args.map_rate
+    rows, timing = {}, {}
+    t_start = time.time()
+    for task in tasks:
+        args.data = task
+        backbone, tokenizer, path = image_text_backbone(args, device)
+        train_set, test_set, info = image_text_sets(args, backbone, tokenizer)
+        C = backbone.context_length
+        if not len(train_set) or not len(test_set):
+            raise SystemExit(f"error: --data {task} has an empty training or test split; check --data-root.")
+        bb_hash = weights_hash(backbone)
+        metric = info["metric"]
+        tables = {(split, kind): missing_split(args, task, split, ds, kind, rate)
+                  for split, ds in (("train", train_set), ("test", test_set)) for kind in IT_MAP_KINDS}
+        complete = torch.zeros(len(test_set), dtype=torch.long)
+
+        def masked(ds, table, placeholder):
+            return data.with_missing_table(ds, table, tokenizer, C, placeholder)
+
+        def score(model, ds):
+            return task_metric(info["kind"], *image_text_logits(model, ds, device))
+
+        def record(protocol, setting, label, value):
+            rows.setdefault((task, protocol, setting), {}).setdefault(label, []).append(value)
+
+        for seed in args.seeds:
+            for m, mod in modules.items():
+                for variant in variants[m]:
+                    vkw = mod.IMAGE_TEXT_VARIANTS[variant]
+                    placeholder = vkw.get("image_placeholder", mod.IMAGE_PLACEHOLDER)
+                    if "map" in args.protocols and "map" in mod.PROTOCOLS:
+                        for kind in IT_MAP_KINDS:
+                            cfg = image_text_recipe(mod, task, kind, backbone)
+                            tr = masked(train_set, tables[("train", kind)], placeholder)
+                            key = (bb_hash, task, args.data_seed, kind, rate, args.table_seed)
+                            model, ms = fit_image_text(mod, vkw, backbone, tr, info, cfg, args, device, seed,
+                                                       f"{task} {variant} missing-{kind} seed {seed}", memory_key=key)
+                            timing.setdefault(variant, []).append(ms)
+                            value = score(model, masked(test_set, tables[("test", kind)], placeholder))
+                            record("map", map_setting(kind, rate), variant, value)
+                            tqdm.write(f"[{task} {variant} seed {seed}] MAP missing-{kind} {round(100 * rate)}%: "
+                                       f"{metric} {value:.1f}")
+                    if "inference" in args.protocols and "inference" in mod.PROTOCOLS:
+                        cfg = image_text_recipe(mod, task, "both", backbone)
+                        model, ms = fit_image_text(mod, vkw, backbone, train_set, info, cfg, args, device, seed,
+                                                   f"{task} {variant} complete data seed {seed}")
+                        timing.setdefault(variant, []).append(ms)
+                        settings = [("complete (both)", complete),
+                                    ("text only (image 100% missing)", torch.full_like(complete, 2)),
+                                    ("image only (text 100% missing)", torch.full_like(complete, 1))]
+                        for avail in IT_TEXT_AVAILABLE:  # CMPT Fig. 2: every image there, avail% of the texts
+                            settings.append((f"image 100%, text {avail}% available",
+                                             data.missing_table(len(test_set), "text", 1 - avail / 100, args.table_seed)))
+                        for setting, table in settings:
+                            value = score(model, masked(test_set, table, placeholder))
+                            record("inference", setting, variant, value)
+                        tqdm.write(f"[{task} {variant} seed {seed}] complete training: both {rows[(task, 'inference', settings[0][0])][variant][-1]:.1f}"
+                                   f" | text only {rows[(task, 'inference', settings[1][0])][variant][-1]:.1f}"
+                                   f" | image only {rows[(task, 'inference', settings[2][0])][variant][-1]:.1f}")
+        forward_ms = frozen_forward_ms(backbone, train_set, modules[methods[0]].IMAGE_TEXT["batch_size"]
+                                       if args.batch_size is None else args.batch_size, device)
+        timing.setdefault("frozen forward", []).append(forward_ms)
+    return rows, timing, time.time() - t_start
+
+
+def format_image_text_table(rows, columns, n_seeds, metrics):
+    """One block per (task, protocol): a row per setting, a column per variant, mean +/- std over seeds."""
+    def cell(v):
+        return (f"{np.mean(v):5.1f}" + (f" +/- {np.std(v):3.1f}" if n_seeds > 1 else "")) if v else "-"
+    w = max(len(s) for _, _, s in rows) + 2
+    cw = max(15, max(len(c) for c in columns) + 2)
+    lines, last = [], None
+    for (task, protocol, setting), values in rows.items():
+        if (task, protocol) != last:
+            last = (task, protocol)
+            title = {"map": "MAP protocol (same missing type and rate in training and test)",
+                     "inference": "trained on complete data, modality missing at test"}[protocol]
+            lines += ["", f"{task} ({metrics[task]} %), {title}",
+                      f"{'setting':<{w}}" + "".join(f"{c:>{cw}}" for c in columns if any(c in v for (t, p, _), v in rows.items() if (t, p) == last))]
+        cols = [c for c in columns if any(c in v for (t, p, _), v in rows.items() if (t, p) == last)]
+        lines.append(f"{setting:<{w}}" + "".join(f"{cell(values.get(c, [])):>{cw}}" for c in cols))
+    return "\n".join(lines)
+
+
+def run_image_text_methods(args, methods, tasks):
+    """`python train.py --method cmpt aoept --data food imdb memes`: tables, step-time ratios, results JSON."""
+    rows, timing, wall = run_image_text_missing(args, methods, tasks)
+    modules = [importlib.import_module(METHODS[m]) for m in methods]
+    order = [v for mod in modules for v in list(mod.IMAGE_TEXT_DEFAULT) + list(mod.IMAGE_TEXT_VARIANTS)]
+    order = sorted(dict.fromkeys(order), key=lambda v: v not in ("head_only", "map"))  # the baselines first
+    columns = [v for v in order if any(v in r for r in rows.values())]
+    metrics = {t: data.IT_TASKS[t]["metric"] if t in data.IT_TASKS else data.IMAGE_TEXT_TASKS[t]["metric"] for t in tasks}
+    print(format_image_text_table(rows, columns, len(args.seeds), metrics))
+    fwd = float(np.mean(timing.pop("frozen forward")))
+    print(f"\ntime per training step (median, ms) and its ratio to the frozen CLIP's forward pass ({fwd:.1f} ms, same batch):")
+    for v, ms in timing.items():
+        print(f"  {v:<18} {np.mean(ms):7.1f} ms  {np.mean(ms) / fwd:5.2f}x")
+    print(f"wall time {wall / 60:.1f} min, {len(args.seeds)} seed(s)")
+    out = image_text_methods_results_path(args, methods, tasks)
+    common.write_json(out, {"args": vars(args), "wall_seconds": wall, "frozen_forward_ms": fwd,
+                            "step_ms": {v: float(np.mean(ms)) for v, ms in timing.items()},
+                            "results": [{"task": t, "metric": metrics[t], "protocol": p, "setting": s, "values": v}
+                                        for (t, p, s), v in rows.items()]})
+    print(f"wrote {out}")
+    return rows
+
+
+def image_text_methods_results_path(args, methods, tasks):
+    return args.results or os.path.join(RESULTS_DIR, f"train_{'_'.join(methods)}_{'_'.join(tasks)}.json")
+
+
 def format_table(rows, variants, n_seeds):
     def cell(v):
         return f"{np.mean(v):5.1f}" + (f" +/- {np.std(v):3.1f}" if n_seeds > 1 else "")
@@ -687,14 +934,15 @@ def method_defaults(attr):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--method", default="source", choices=list(METHODS),
+    p.add_argument("--method", default=["source"], nargs="+", choices=list(METHODS),
                    help="source: train the source model; cmpt / aoept: train that method's variants and run its "
-                        "protocols (default: source)")
-    p.add_argument("--data", default="embedded", choices=["embedded", "read", *IMAGE_TEXT_DATA, *REAL_IMAGE_TEXT],
+                        "protocols; on image-text data both may be given (cmpt aoept: one table) (default: source)")
+    p.add_argument("--data", default=["embedded"], nargs="+", choices=["embedded", "read", *IMAGE_TEXT_DATA, *REAL_IMAGE_TEXT],
                    help="audio-visual: the embedded benchmark (generated locally) or a dataset in READ's file layout; "
                         "image-text: an embedded task (food, imdb, memes: the frozen CLIP backbone, its retrieval and "
                         "each modality's linear probe) or a real dataset in its raw layout under --data-root "
-                        "(mmimdb, food101, hatememes) (default: embedded)")
+                        "(mmimdb, food101, hatememes); with --method cmpt / aoept several image-text tasks may be "
+                        "given, e.g. food imdb memes (default: embedded)")
     p.add_argument("--config", default=None, choices=list(common.CONFIGS),
                    help="model size, base = published CAV-MAE (default: tiny; with --checkpoint, the checkpoint's own)")
     p.add_argument("--epochs", type=positive_int, default=None,
@@ -723,6 +971,9 @@ def build_parser():
                    help="cmpt / aoept: which protocols to run, those the paper reports (default: inference map)")
     p.add_argument("--map-rate", type=float, default=0.7,
                    help="cmpt / aoept: missing rate of the MAP protocol, a fraction in (0, 1] (default: 0.7)")
+    p.add_argument("--table-seed", type=seed_int, default=0,
+                   help="image-text cmpt / aoept: seed of the missing tables, drawn once and kept in "
+                        "results/missing_tables/ for every method and seed (default: 0, MAP's)")
     p.add_argument("--train-json", default=None, help="--data read: training list (JSON) (default: none, required)")
     p.add_argument("--val-json", default=None, help="--data read: list to report accuracy on; the test list of "
                                                     "cmpt / aoept (default: none; required for cmpt / aoept)")
@@ -749,20 +1000,29 @@ def check_args(args, parser):
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     image_text = args.data in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT
     if image_text:
-        if args.method != "source":
-            raise SystemExit(f"error: --method {args.method} runs on the audio-visual data (--data embedded | read) in "
-                             f"this version; on --data {args.data} train.py makes and reports the frozen CLIP backbone.")
-        ignored = [flag(n) for n in READ_ONLY + ("out", "variants", "protocols", "map_rate", "seeds", "workers", "epochs",
-                                                 "pretrain_epochs", "lr", "batch_size")
+        methods = args.methods
+        if args.method != "source" and not 0 < args.map_rate <= 1:
+            raise SystemExit(f"error: --map-rate is a fraction in (0, 1], e.g. 0.7 for 70%, not {args.map_rate}.")
+        if args.method != "source" and len(set(args.seeds)) != len(args.seeds):
+            raise SystemExit(f"error: --seeds {' '.join(map(str, args.seeds))} repeats a seed; give each seed once.")
+        method_flags = () if args.method != "source" else ("variants", "protocols", "map_rate", "seeds", "epochs", "lr",
+                                                           "batch_size", "table_seed")
+        ignored = [flag(n) for n in READ_ONLY + ("out", "workers", "pretrain_epochs") + method_flags
                    if given(n)] + (["--data-root"] if args.data in IMAGE_TEXT_DATA and args.data_root else [])
         if ignored:
-            raise SystemExit(f"error: {ignored[0]} does not apply to --data {args.data}; see `python train.py --help`.")
+            raise SystemExit(f"error: {ignored[0]} does not apply to --data {args.data}"
+                             f"{' with --method source' if args.method == 'source' else ''}; see `python train.py --help`.")
         if args.data in REAL_IMAGE_TEXT and not args.data_root:
             raise SystemExit(f"error: --data {args.data} needs --data-root, the dataset's folder in its raw layout.")
         if args.bpe:
             data.check_input_file(args.bpe, "--bpe", "pass CLIP's bpe_simple_vocab_16e6.txt.gz.")
-        results = common.check_output_file(image_text_results_path(args), "--results")
+        path = image_text_results_path(args) if args.method == "source" else \
+            image_text_methods_results_path(args, methods, args.tasks)
+        results = common.check_output_file(path, "--results")
         return [("results", results)]
+    if given("table_seed"):
+        raise SystemExit("error: --table-seed applies to the image-text tables (--method cmpt / aoept --data food | imdb "
+                         "| memes | mmimdb | food101 | hatememes).")
     if args.data_root or args.bpe:
         raise SystemExit(f"error: {'--data-root' if args.data_root else '--bpe'} applies to the image-text data only "
                          f"(--data food | imdb | memes | mmimdb | food101 | hatememes).")
@@ -799,14 +1059,33 @@ def check_args(args, parser):
     return [("results", results)]
 
 
+def split_lists(args, parser):
+    """--method and --data may name several (image-text methods on several tasks: one table); args.methods and
+    args.tasks keep the lists, args.method and args.data the first of each for the single-run code."""
+    args.methods, args.tasks = list(dict.fromkeys(args.method)), list(dict.fromkeys(args.data))
+    image_text = [t in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT for t in args.tasks]
+    if len(args.methods) > 1 or len(args.tasks) > 1:
+        if not all(image_text) or "source" in args.methods:
+            raise SystemExit("error: several --method or --data names run the image-text tables only: e.g. "
+                             "--method cmpt aoept --data food imdb memes.")
+        if len(args.tasks) > 1 and args.checkpoint:
+            raise SystemExit("error: --checkpoint holds one backbone; give one --data with it.")
+    args.method, args.data = args.methods[0], args.tasks[0]
+    for name in ("method", "data"):
+        parser.set_defaults(**{name: parser.get_default(name)[0]})
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.time()
     outputs = []
     try:
+        split_lists(args, parser)
         outputs = check_args(args, parser)
-        if args.data in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT:
+        if args.data in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT and args.method != "source":
+            run_image_text_methods(args, args.methods, args.tasks)
+        elif args.data in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT:
             image_text_source(args)
         elif args.method == "source":
             train_source(args)
