@@ -46,6 +46,18 @@ set per missing case, chosen per sample: P^l_{m,i} = P^l_{m, case(i)}.
 Missing inputs arrive as zeros in the model-input space (zero fbank, zero normalised frame):
 CMPT's placeholder for audio-visual data, adopted here (MAP feeds empty text / all-ones images).
 
+Two backbones: `AOEPT` prompts the two CAV-MAE towers (audio-video, above); `AOEPTCLIP` is the public
+code's CLIP path (image-text, the paper's tables): prompts in front of the text tokens and in front of
+the image class token, the same collect / distil / construct / instantiate / insert / auxiliary steps,
+the frozen CLIP's own pooling after the prompts are stripped (class token, end-of-text token, each
+through its final LayerNorm and projection) and a new head Linear(2 E -> C) on the two embeddings
+concatenated; what trains besides the prompts is as in the public code (CLIP's two projections and
+final LayerNorms too). Its per-dataset settings (prompt length, lr, weight decay, K) are the public
+CLIP configs (PUBLIC_CLIP_CONFIGS). A missing image is a black image, a missing text the empty string.
+MAP on CLIP (`IMAGE_TEXT_VARIANTS["map"]`) is MAP's own scheme: one prompt set of 16 tokens per missing
+case, at each of the first half of the layers, each layer's prompts prepended in front of the earlier
+ones (they accumulate), no memory, no gate, no auxiliary loss, the same frozen CLIP and head.
+
 Deviations (each is a `# DEVIATION:` line below; the public code is the reference):
   1. Gate source: the public CLIP code runs text layer i before vision layer i, so the vision gate
      reads the text tower AFTER layer i while the text gate reads the vision tower after layer
@@ -75,7 +87,21 @@ Deviations (each is a `# DEVIATION:` line below; the public code is the referenc
      loss. Four missing cases (complete, no audio, no video, neither); the last never occurs in
      MAP's protocol.
 
-Dimension key: B batch, N tokens (N_a audio, N_v video), D width, C classes (logits (B, C)).
+ 10. CLIP: the public code stretches the text position embeddings (bilinear, 77 -> 77 + prompt length) so
+     that the prompts get positions; here the prompts have none and every text token keeps CLIP's own
+     position (the frozen tower sees its tokens as it was trained on them); the prompts are in front, so
+     under CLIP's causal mask every text token sees them.
+ 11. CLIP: the tiny CLIP has 4 layers per tower; prompting all 4 (the configs' depth 4 of ViT-B/16's 12)
+     would leave none after the prompted ones, so the tiny model prompts its first 2 (TINY_CLIP_DEPTH);
+     ViT-B/16 (12 layers) gets the configs' 4. MAP prompts the first half (6 of ViLT's 12; 2 of 4 here).
+ 12. CLIP budget: 2 epochs of batch 32 (126 steps on the 2,000 embedded training pairs) for the public
+     configs' 20 epochs of batch 128 (IMAGE_TEXT); K = min(config's K, n // 8) as in Deviation 4.
+ 13. CLIP: a missing image is the public code's black image (0 before normalisation); the paper's
+     all-ones image (after normalisation, MAP's) is the `ones_image` variant.
+ 14. CLIP, shared prompts: the public bottleneck width, text width / 16, for both towers.
+
+Dimension key: B batch, N tokens (N_a audio, N_v video), D width, C classes (logits (B, C)), E CLIP's
+joint width.
 Following the public code, K is the memory size (n_clusters), not the class count, and L is the
 prompt length; layers are indexed l < depth (prompted) out of the towers' blocks. H heads of the
 parameter-free attention, d_h = D / H; n = training samples that have a modality.
@@ -147,6 +173,8 @@ CLIP_DEPTH = 4  # prompt_depth of every public CLIP config: 4 of ViT-B/16's 12 l
 TINY_CLIP_DEPTH = 2
 MAP_PROMPT_LEN = 16  # MAP's prompt length (vilt/config.py prompt_length)
 MAP_LAYERS = 0.5  # MAP prompts layers 0-5 of ViLT's 12: half of the layers (2 of the tiny CLIP's 4)
+# DEVIATION: the paper's missing image is all ones (after normalisation); the public CLIP code's, followed here, is
+# black; the paper's is the `ones_image` variant.
 IMAGE_PLACEHOLDER = "black"  # the public CLIP path feeds a black image (0 before normalisation) for a missing image
 
 
@@ -553,6 +581,8 @@ class AOEPTCLIP(nn.Module):
         bb, L = self.backbone, self.prompt_len
         text = batch["text"]
         eot = text.argmax(dim=-1)  # (B,) CLIP: the end-of-text token has the largest id
+        # DEVIATION: the public code stretches the text positions to 77 + L for the prompts; here the prompts have
+        # no position and the text tokens keep CLIP's own.
         x = {"i": bb.image_tokens(batch["image"]), "t": bb.text_tokens(text[:, : int(eot.max()) + 1])}  # (B, 1 + N, D_i), (B, C', D_t)
         B = len(text)
         present = image_text_present(batch)
@@ -721,7 +751,7 @@ def prepare(model, loader, device, k_max=N_CLUSTERS):
         model.set_memory(distil(feats["i"], k_max=k_max), distil(feats["t"], k_max=k_max))
         return
     feats = collect(model.backbone, loader, model.depth, device)
-    model.set_memory(distil(feats["a"]), distil(feats["v"]))
+    model.set_memory(distil(feats["a"], k_max=k_max), distil(feats["v"], k_max=k_max))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,14 @@ the attention projections, the tokens and a linear head are all that train (a fe
 parameters on the tiny backbone; on CAV-MAE base with 50 classes 0.18 M, the paper reports
 0.17 M for its audio-video encoders).
 
-Here the two modalities are m1 = audio and m2 = video of a CAV-MAE model; each encoder is
-CAV-MAE's modality-specific stack (`blocks_a` / `blocks_v`); its unified block is not used,
-because CMPT fuses by addition (Eq. 5).
+Two backbones, one method (the same equations, `train_step` and LoRA serve both):
+  - audio-video (CMPTModel): m1 = audio, m2 = video of a CAV-MAE model; each encoder is CAV-MAE's
+    modality-specific stack (`blocks_a` / `blocks_v`); its unified block is not used, because CMPT fuses
+    by addition (Eq. 5).
+  - image-text (CMPTCLIP, the paper's Tables 1-3): m1 = image, m2 = text of a CLIP dual encoder
+    (common.CLIP: OpenAI's ViT-B/16 or the tiny one pre-trained on the embedded pairs). CLS_1 is the image
+    tower's class token, CLS_2 the text tower's end-of-text token (CLIP's own pooled tokens); each token is
+    read after its tower's final LayerNorm and projection, in CLIP's joint space, where both have width E.
 
 Equations (m1 = a, m2 = v; `^` marks an encoder output):
     Eq. 1  T_m  = Embed_m(x_m)                                                frozen, (B, N_m, D)
@@ -74,8 +79,26 @@ Deviations (each marked `# DEVIATION:` in the code):
      tokens get none (no compute, no update, their Adam(W) state untouched). The no-proxy
      ablations (Deviation 6) still encode the placeholder, because they add its class token.
 
-Dimension key: B batch, N_a / N_v audio / video tokens, D width, K classes, L layers per
-encoder, r LoRA rank.
+ 11. Image-text: CLIP's text tower stands in for the paper's BERT-base text encoder (one pre-trained
+     dual encoder; the paper pairs CLIP's image tower with BERT).
+ 12. Image-text: CLIP's text tower is causal, so a proxy in front would see only itself; the text proxy
+     sees every token of its text (up to the end-of-text token) and the text tokens keep CLIP's causal
+     mask without seeing it (`proxy_text_mask`), so at LoRA = 0 CLS_2 is exactly CLIP's text embedding.
+     (BERT is bidirectional: there the proxy and the tokens see each other.) The image proxy is a full
+     participant, as in the paper's ViT; it goes through the image tower's ln_pre, without a position.
+ 13. Image-text: CLIP fuses q, k, v in `in_proj_weight` (3 D, D): three rank-1 updates, one per row
+     block (`LoRA(splits=3)` as `attn.qkv_adapter`), i.e. separate LoRA on q, k and v.
+ 14. Image-text: the tokens of Eqs. 4-6 are read after each tower's own final LayerNorm and projection
+     (ln_post / proj, ln_final / text_projection, frozen): the towers' widths differ on ViT-B/16 (768 /
+     512), their joint space does not; with BERT-base both are 768 wide. No shared LayerNorm here.
+ 15. Image-text budget: 2 epochs of batch 32 (126 steps on the 2,000 embedded training pairs) at lr 1e-2
+     and a 10% warm-up at 0.1 x lr, then the paper's polynomial decay (power 0.9); the paper runs 10
+     epochs of batch 8 (~76,000 steps on Food-101) at lr 1e-3 after 5 warm-up epochs (IMAGE_TEXT).
+ 16. `head_only` (image-text table's frozen-backbone baseline, not in the paper): CLIP frozen, no LoRA,
+     no proxy, a linear head on CLS_1 + CLS_2 of whatever came in (the placeholder's tokens included).
+
+Dimension key: B batch, N_a / N_v audio / video tokens, D width, E CLIP's joint width, K classes,
+L layers per encoder, r LoRA rank.
 """
 import copy
 import math
@@ -132,6 +155,7 @@ IMAGE_TEXT_VARIANTS = {
     "lambda0": {"lam": 0.0},  # Table 5's lambda = 0
     "dropout": {"proxy": False, "modality_dropout": True},  # modality dropout, no CMPT (LoRA kept)
     "baseline": {"proxy": False, "modality_dropout": False},  # no CMPT, no dropout (LoRA kept)
+    # DEVIATION: not in the paper: the frozen-backbone baseline of the image-text table
     "head_only": {"proxy": False, "modality_dropout": False, "lora": False},  # frozen CLIP, a linear head on CLS_1 + CLS_2
 }
 IMAGE_TEXT_DEFAULT = ("head_only", "cmpt", "lambda0", "dropout")  # the table's columns (`baseline` on request)
@@ -204,7 +228,8 @@ def drop_modality(x_1, x_2, has_1, has_2, p_drop_1=P_DROP_AUDIO, p_drop_2=P_DROP
 
     x_1, x_2: the two inputs, (B, ...) each (audio (B, T, F) and video (B, 3, H, W), or image and text
     ids); has_1 / has_2 (B,) bool -> the same four, with one modality removed from every complete sample
-    (replaced by its placeholder blank_m, broadcastable to x_m, default zeros; has_m False), or unchanged.
+    (has_m False), or unchanged. Every row without modality m then holds its placeholder blank_m
+    (broadcastable to x_m, default zeros), which the rows already missing it hold anyway.
     u: the iteration's uniform draw in [0, 1) (default: torch.rand, the global generator).
     """
     u = torch.rand(()).item() if u is None else u
@@ -383,7 +408,7 @@ class CMPTModel(nn.Module):
         return self.head(self.fused(self.pair_tokens(x_1, x_2, has_1, has_2), has_1, has_2))  # (B, K)
 
 
-def proxy_text_mask(eot, n):
+def proxy_text_mask(eot, n, dtype=torch.float32):
     """Attention mask of the text tower with the proxy in front, [CMPT, t_0 .. t_{n-1}]: the proxy (row 0)
     sees itself and every text token up to its sample's end-of-text token; text token i sees text tokens
     0..i (CLIP's causal mask) and not the proxy. eot (B,) end-of-text positions among the n text tokens
@@ -392,7 +417,7 @@ def proxy_text_mask(eot, n):
     sees = (j[None, :] <= j[:, None]).repeat(len(eot), 1, 1)  # (B, 1 + n, 1 + n) causal: row i sees j <= i
     sees[:, 1:, 0] = False  # the text tokens do not see the proxy
     sees[:, 0] = j[None, :] <= eot[:, None] + 1  # the proxy sees itself and t_0 .. t_eot
-    mask = torch.zeros(sees.shape, device=eot.device).masked_fill(~sees, float("-inf"))
+    mask = torch.zeros(sees.shape, device=eot.device, dtype=dtype).masked_fill(~sees, float("-inf"))
     return mask[:, None]  # (B, 1, 1 + n, 1 + n), broadcast over the heads
 
 
@@ -419,6 +444,7 @@ class CMPTCLIP(nn.Module):
             self.cmpt_2 = nn.Parameter(torch.zeros(1, 1, D_t, **kw))  # t_CMPT,text: the text's proxy of CLS_image
             for t in (self.cmpt_1, self.cmpt_2):
                 nn.init.trunc_normal_(t, std=TOKEN_INIT_STD)
+        # DEVIATION: the paper's text encoder is BERT-base; CLIP's own text tower is used (one dual encoder).
         if lora:
             add_lora(vis.transformer.resblocks)  # Delta_image of Eq. 3
             add_lora(backbone.transformer.resblocks)  # Delta_text of Eq. 3
@@ -432,6 +458,7 @@ class CMPTCLIP(nn.Module):
         x = bb.image_tokens(image, prefix=prefix)  # (B, n + 1 + N, D_v)
         # Eq. (3) T^_image = f_image(T~_image; Theta frozen, Delta LoRA)
         x = bb.run_blocks(bb.visual.transformer.resblocks, x)  # (B, n + 1 + N, D_v)
+        # DEVIATION: read in CLIP's joint space (ln_post + proj, frozen): the towers' widths differ (768 / 512).
         cls = bb.pool_image(x[:, n:])  # (B, E): ln_post(class token) @ proj, as CLIP
         cmpt = bb.visual.ln_post(x[:, 0]) @ bb.visual.proj if self.proxy else None  # (B, E)
         return cls, cmpt
@@ -445,7 +472,7 @@ class CMPTCLIP(nn.Module):
             # DEVIATION: CMPT's text encoder is BERT (bidirectional); CLIP's text tower is causal, so a proxy in
             # front would see only itself. It sees every token of its text instead, and the text tokens keep
             # CLIP's causal mask and do not see it (their outputs are CLIP's at LoRA = 0).
-            mask = proxy_text_mask(eot, x.shape[1])  # (B, 1, 1 + C', 1 + C')
+            mask = proxy_text_mask(eot, x.shape[1], x.dtype)  # (B, 1, 1 + C', 1 + C')
             # Eq. (2) T~_text = Concat(T_CMPT, T_text)   (CLIP's class token is the end-of-text token)
             x = torch.cat([self.cmpt_2.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + C', D_t)
         else:

@@ -10,6 +10,10 @@
                                          # retrieval and each modality's linear probe on an embedded task
     python train.py --data mmimdb --data-root mmimdb/ --config base --checkpoint ViT-B-16.pt \\
         --bpe bpe_simple_vocab_16e6.txt.gz   # the same with OpenAI's CLIP on the real MM-IMDb files
+    python train.py --method cmpt --data food imdb memes    # CMPT's image-text tables (MAP protocol; complete
+                                         # training with a modality missing at test), its ablations, head-only
+    python train.py --method aoept --data food imdb memes   # AOEPT's table (MAP protocol): MAP, AOEPT, ablations
+    python train.py --method cmpt aoept --data food         # both papers' columns in one table
 
 The source model is made the CAV-MAE way, on clean data: self-supervised pre-training
 (`pretrain`: common.pretrain_losses, masked reconstruction + audio-visual contrastive, the paper's
@@ -567,7 +571,6 @@ def run_missing(args):
 # ----------------------------------------------------------------------------------------------
 IT_MAP_KINDS = ("text", "image", "both")  # MAP protocol rows: missing-text, missing-image, missing-both
 IT_TEXT_AVAILABLE = (10, 30, 50, 70, 90)  # CMPT Figure 2: every image missing, x% of the texts available
-MISSING_TABLE_DIR = os.path.join(RESULTS_DIR, "missing_tables")
 _MEMORY_CACHE = {}  # AOEPT's collect + distil, once per (backbone, dataset, missing table, depth, K)
 
 
@@ -579,9 +582,12 @@ def image_text_ids(args, task, split, dataset):
 
 
 def missing_split(args, task, split, dataset, kind, rate):
-    """The missing table of one split: results/missing_tables/missing_<task>_<split>_<kind>_<rate>_seed<s>.json,
-    drawn once (seeded by --table-seed) and read again by every method and seed."""
-    path = data.missing_table_path(MISSING_TABLE_DIR, task, split, kind, rate, args.table_seed)
+    """The missing table of one split, beside the results: <results folder>/missing_tables/
+    missing_<task>_<split>_<kind>_<rate>_seed<s>.json, drawn once (seeded by --table-seed) and read again by
+    every method and seed."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(image_text_methods_results_path(args, args.methods, args.tasks))),
+                          "missing_tables")
+    path = data.missing_table_path(folder, task, split, kind, rate, args.table_seed)
     return data.load_or_make_missing_table(path, image_text_ids(args, task, split, dataset), kind, rate, args.table_seed)
 
 
@@ -972,8 +978,8 @@ def build_parser():
     p.add_argument("--map-rate", type=float, default=0.7,
                    help="cmpt / aoept: missing rate of the MAP protocol, a fraction in (0, 1] (default: 0.7)")
     p.add_argument("--table-seed", type=seed_int, default=0,
-                   help="image-text cmpt / aoept: seed of the missing tables, drawn once and kept in "
-                        "results/missing_tables/ for every method and seed (default: 0, MAP's)")
+                   help="image-text cmpt / aoept: seed of the missing tables, drawn once and kept in missing_tables/ "
+                        "beside the results file, for every method and seed (default: 0, MAP's)")
     p.add_argument("--train-json", default=None, help="--data read: training list (JSON) (default: none, required)")
     p.add_argument("--val-json", default=None, help="--data read: list to report accuracy on; the test list of "
                                                     "cmpt / aoept (default: none; required for cmpt / aoept)")
