@@ -454,6 +454,7 @@ class CMPTCLIP(nn.Module):
         """image (B, 3, S, S) -> CLS^_1, CMPT^_1 (or None): (B, E) each."""
         bb, n = self.backbone, int(self.proxy)
         prefix = self.cmpt_1.expand(len(image), -1, -1) if self.proxy else None
+        # Eq. (1) T_image = Embed_image(x) (frozen patch embedding, class token, positions) and
         # Eq. (2) T~_image = Concat(T_CMPT, T_CLS, T_image)   (the proxy goes through ln_pre, without a position)
         x = bb.image_tokens(image, prefix=prefix)  # (B, n + 1 + N, D_v)
         # Eq. (3) T^_image = f_image(T~_image; Theta frozen, Delta LoRA)
@@ -467,6 +468,7 @@ class CMPTCLIP(nn.Module):
         """ids (B, C) -> CLS^_2 (the end-of-text token), CMPT^_2 (or None): (B, E) each."""
         bb, n = self.backbone, int(self.proxy)
         eot = text.argmax(dim=-1)  # (B,) CLIP: the end-of-text token has the largest id
+        # Eq. (1) T_text = Embed_text(x) (frozen token and position embeddings)
         x = bb.text_tokens(text[:, : int(eot.max()) + 1])  # (B, C', D_t); the padding after it is never read
         if self.proxy:
             # DEVIATION: CMPT's text encoder is BERT (bidirectional); CLIP's text tower is causal, so a proxy in
