@@ -98,7 +98,16 @@ Deviations (each is a `# DEVIATION:` line below; the public code is the referenc
      configs' 20 epochs of batch 128 (IMAGE_TEXT); K = min(config's K, n // 8) as in Deviation 4.
  13. CLIP: a missing image is the public code's black image (0 before normalisation); the paper's
      all-ones image (after normalisation, MAP's) is the `ones_image` variant.
- 14. CLIP, shared prompts: the public bottleneck width, text width / 16, for both towers.
+ 14. CLIP, text means (the gate source, the features of L_aux, collect): over t_0 .. t_eot, the padding
+     after the end-of-text token excluded, and after all 2L prompt positions; the public code averages
+     every position after its prompts, padding included (and skips only L positions for the layer-0
+     text gate when the shared prompts are on).
+ 15. MAP on CLIP (`map`): MAP's ViLT is one stream with one prompt set per case; on the dual encoder each
+     tower gets its own set per case. It is trained with AOEPT's recipe for the same (dataset, missing
+     type) (lr, weight decay, budget; MAP's own is lr 1e-2, weight decay 2e-2), sees AOEPT's black
+     missing image (MAP's is all ones: the inputs of the two columns are the same) and trains the same
+     head and CLIP projections, so that the columns differ only in their prompts.
+(The shared prompts' bottleneck, text width / 16 for both towers, is the public code's.)
 
 Dimension key: B batch, N tokens (N_a audio, N_v video), D width, C classes (logits (B, C)), E CLIP's
 joint width.
@@ -200,6 +209,7 @@ IMAGE_TEXT_VARIANTS = {
     "no_instantiation": {"gate": False},  # "w/o instantiation": no instance gate, the same MCP for every sample
     "no_aux": {"aux_weight": 0.0},  # without the auxiliary InfoNCE
     "no_shared": {"shared": False},  # modality-specific MCPs only
+    # DEVIATION: one prompt set per case and tower (MAP's ViLT is one stream), AOEPT's recipe and black image
     "map": {"memory": False, "gate": False, "per_case": True, "aux_weight": 0.0, "shared": False, "accumulate": True,
             "prompt_len": MAP_PROMPT_LEN, "map_depth": True},  # MAP: one prompt set per missing case
     "ones_image": {"image_placeholder": "ones"},  # the paper's placeholder for a missing image (ones after normalisation)
@@ -587,6 +597,7 @@ class AOEPTCLIP(nn.Module):
         B = len(text)
         present = image_text_present(batch)
         missing = batch.get("missing", torch.zeros(B, dtype=torch.long, device=text.device))
+        # DEVIATION: text means exclude the padding after the end-of-text token (the public code averages it in)
         mean = {"i": lambda h, n: token_mean(h, n), "t": lambda h, n: text_mean(h, eot, n)}  # prompts excluded
         other = {"i": "t", "t": "i"}
         blocks = {"i": bb.visual.transformer.resblocks, "t": bb.transformer.resblocks}

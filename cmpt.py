@@ -59,8 +59,10 @@ Deviations (each marked `# DEVIATION:` in the code):
      updates, one per output third, which is separate LoRA on q, k and v (they share one
      LoRA-dropout mask on their common input; three separate Linears would draw three).
   5. Modality dropout probabilities (paper: "keep both or drop one at random", no numbers): per
-     iteration keep both with 0.5, drop audio with 0.25, drop video with 0.25; only complete
-     samples are affected (a sample already missing one modality keeps the other).
+     iteration keep both with 0.5, drop m1 (audio, image) with 0.25, drop m2 (video, text) with 0.25;
+     only complete samples are affected (a sample already missing one modality keeps the other). The
+     paper describes it for training on complete data; here it also runs in the MAP protocol's
+     training (on its complete samples), for CMPT and the `dropout` ablation alike.
   6. Variants without proxy tokens (the baseline and "modality dropout" ablations) cannot gate
      (Eq. 5 needs a proxy): they fuse CLS^_a + CLS^_v of the zero placeholder, i.e. the model is
      not told what is missing. A sample missing both modalities (never in the protocols) gives
@@ -85,9 +87,11 @@ Deviations (each marked `# DEVIATION:` in the code):
      sees every token of its text (up to the end-of-text token) and the text tokens keep CLIP's causal
      mask without seeing it (`proxy_text_mask`), so at LoRA = 0 CLS_2 is exactly CLIP's text embedding.
      (BERT is bidirectional: there the proxy and the tokens see each other.) The image proxy is a full
-     participant, as in the paper's ViT; it goes through the image tower's ln_pre, without a position.
+     participant, as in the paper's ViT; it goes through the image tower's ln_pre. Neither proxy has a
+     position embedding.
  13. Image-text: CLIP fuses q, k, v in `in_proj_weight` (3 D, D): three rank-1 updates, one per row
-     block (`LoRA(splits=3)` as `attn.qkv_adapter`), i.e. separate LoRA on q, k and v.
+     block (`LoRA(splits=3)` as `attn.qkv_adapter`), i.e. separate LoRA on q, k and v (sharing one
+     LoRA-dropout mask on their common input, as in Deviation 4).
  14. Image-text: the tokens of Eqs. 4-6 are read after each tower's own final LayerNorm and projection
      (ln_post / proj, ln_final / text_projection, frozen): the towers' widths differ on ViT-B/16 (768 /
      512), their joint space does not; with BERT-base both are 768 wide. No shared LayerNorm here.
@@ -233,6 +237,7 @@ def drop_modality(x_1, x_2, has_1, has_2, p_drop_1=P_DROP_AUDIO, p_drop_2=P_DROP
     u: the iteration's uniform draw in [0, 1) (default: torch.rand, the global generator).
     """
     u = torch.rand(()).item() if u is None else u
+    # DEVIATION: applied to the complete samples of any training set (the MAP protocol's too), not only to complete data
     complete = has_1 & has_2  # (B,)
     # DEVIATION: paper gives no probabilities; drop m1 with p_drop_1, m2 with p_drop_2, keep both
     # otherwise; only complete samples lose a modality.

@@ -631,12 +631,14 @@ def fit_image_text(module, variant, backbone, train_set, info, cfg, args, device
     common.seed_everything(seed)
     kw = {k: v for k, v in {**cfg.get("build", {}), **variant}.items() if k != "image_placeholder"}
     model = module.build(copy_frozen(backbone), num_classes=info["num_classes"], **kw).to(device)
-    if getattr(model, "use_memory", False):  # AOEPT: collect + distil, cached
+    if getattr(model, "use_memory", False):  # AOEPT: collect + distil, cached when the caller names the inputs
         key = (memory_key, model.depth, cfg.get("n_clusters"))
-        if key not in _MEMORY_CACHE:
+        if memory_key is None or key not in _MEMORY_CACHE:
             module.prepare(model, data.make_loader(train_set, 256, shuffle=False), device, k_max=cfg["n_clusters"])
-            _MEMORY_CACHE[key] = (model.memory_i, model.memory_t)
-        model.set_memory(*_MEMORY_CACHE[key])
+            if memory_key is not None:
+                _MEMORY_CACHE[key] = (model.memory_i, model.memory_t)
+        else:
+            model.set_memory(*_MEMORY_CACHE[key])
     batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
     loader = data.make_loader(train_set, batch_size, shuffle=True, seed=seed)
     params, _ = module.collect_params(model)
@@ -703,6 +705,10 @@ def run_image_text_missing(args, methods, tasks):
     if bad:
         names = ", ".join(v for mod in modules.values() for v in mod.IMAGE_TEXT_VARIANTS)
         raise SystemExit(f"error: unknown variant {bad[0]!r} of {' / '.join(methods)} on image-text; choose from {names}.")
+    if not any(p in mod.PROTOCOLS for mod in modules.values() for p in args.protocols):
+        raise SystemExit(f"error: {' / '.join(methods)} report(s) only the "
+                         f"{', '.join(sorted({p for mod in modules.values() for p in mod.PROTOCOLS}))} protocol(s); "
+                         f"--protocols {' '.join(args.protocols)} leaves nothing to run.")
     rate = args.map_rate
     rows, timing = {}, {}
     t_start = time.time()
@@ -929,8 +935,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def variant_names():
     """'cmpt: cmpt, lambda0, ...; aoept: ...': the variants of every method, for --help."""
-    return "; ".join(f"{name}: {', '.join(importlib.import_module(mod).VARIANTS)}"
-                     for name, mod in METHODS.items() if mod)
+    mods = {name: importlib.import_module(mod) for name, mod in METHODS.items() if mod}
+    return ("; ".join(f"{name}: {', '.join(m.VARIANTS)}" for name, m in mods.items()) + "; on image-text: " +
+            "; ".join(f"{name}: {', '.join(m.IMAGE_TEXT_VARIANTS)}" for name, m in mods.items()))
 
 
 def method_defaults(attr):
@@ -940,10 +947,10 @@ def method_defaults(attr):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--method", default=["source"], nargs="+", choices=list(METHODS),
+    p.add_argument("--method", default="source", nargs="+", choices=list(METHODS),
                    help="source: train the source model; cmpt / aoept: train that method's variants and run its "
                         "protocols; on image-text data both may be given (cmpt aoept: one table) (default: source)")
-    p.add_argument("--data", default=["embedded"], nargs="+", choices=["embedded", "read", *IMAGE_TEXT_DATA, *REAL_IMAGE_TEXT],
+    p.add_argument("--data", default="embedded", nargs="+", choices=["embedded", "read", *IMAGE_TEXT_DATA, *REAL_IMAGE_TEXT],
                    help="audio-visual: the embedded benchmark (generated locally) or a dataset in READ's file layout; "
                         "image-text: an embedded task (food, imdb, memes: the frozen CLIP backbone, its retrieval and "
                         "each modality's linear probe) or a real dataset in its raw layout under --data-root "
@@ -1068,7 +1075,8 @@ def check_args(args, parser):
 def split_lists(args, parser):
     """--method and --data may name several (image-text methods on several tasks: one table); args.methods and
     args.tasks keep the lists, args.method and args.data the first of each for the single-run code."""
-    args.methods, args.tasks = list(dict.fromkeys(args.method)), list(dict.fromkeys(args.data))
+    as_list = lambda v: [v] if isinstance(v, str) else list(dict.fromkeys(v))  # noqa: E731  (a default is one name)
+    args.methods, args.tasks = as_list(args.method), as_list(args.data)
     image_text = [t in IMAGE_TEXT_DATA + REAL_IMAGE_TEXT for t in args.tasks]
     if len(args.methods) > 1 or len(args.tasks) > 1:
         if not all(image_text) or "source" in args.methods:
@@ -1077,8 +1085,6 @@ def split_lists(args, parser):
         if len(args.tasks) > 1 and args.checkpoint:
             raise SystemExit("error: --checkpoint holds one backbone; give one --data with it.")
     args.method, args.data = args.methods[0], args.tasks[0]
-    for name in ("method", "data"):
-        parser.set_defaults(**{name: parser.get_default(name)[0]})
 
 
 def main(argv=None):

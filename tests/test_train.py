@@ -162,7 +162,7 @@ def test_help_states_every_default_and_the_variants():
             assert "default" in (action.help or ""), action.dest
     import aoept
     import cmpt
-    for name in list(cmpt.VARIANTS) + list(aoept.VARIANTS):
+    for name in list(cmpt.VARIANTS) + list(aoept.VARIANTS) + list(cmpt.IMAGE_TEXT_VARIANTS) + list(aoept.IMAGE_TEXT_VARIANTS):
         assert name in text
 
 

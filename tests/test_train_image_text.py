@@ -21,6 +21,8 @@ import train
     (["--data", "food", "--method", "aoept", "--pretrain-epochs", "2"], "--pretrain-epochs does not apply to --data food"),
     (["--data", "food", "--table-seed", "3"], "--table-seed does not apply to --data food with --method source"),
     (["--table-seed", "3"], "--table-seed applies to the image-text tables"),
+    (["--data", "food", "--method", "aoept", "--protocols", "inference", "--results", "DIR/r.json"],
+     "aoept report(s) only the map protocol(s); --protocols inference leaves nothing to run"),
     (["--data", "food", "imdb", "--method", "cmpt", "--checkpoint", "DIR/x.pt"], "--checkpoint holds one backbone"),
     (["--data", "food", "--epochs", "3"], "--epochs does not apply to --data food"),
     (["--data", "memes", "--data-root", "DIR"], "--data-root does not apply to --data memes"),
