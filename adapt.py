@@ -668,7 +668,11 @@ def run(args):
     names = method_names(args)
     methods = {n: get_method(n) for n in names}
     corruptions = corruption_list(args.modality, args.corruption)
+    t_load = time.time()
     model, meta = load_model(args, device)
+    # the source model's own stages when this run trained it (the first run), else the loading time
+    stages = dict(meta.get("metrics", {}).get("stage_seconds", {})) if meta.get("trained_now") else {}
+    stages = stages or {"loading the source model": time.time() - t_load}
     dataset = args.dataset or ("embedded" if args.data == "embedded" else None)
     if dataset is None:
         raise ValueError("--data read needs --dataset ks50 or vggsound (it picks the papers' per-dataset settings).")
@@ -702,7 +706,9 @@ def run(args):
         """One pass of `name` over the shuffled stream of one corruption; -> batch-averaged accuracy (%)."""
         nonlocal n_samples
         if corruption not in sets:
+            t0 = time.time()
             sets[corruption] = test_set(args, model, corruption)
+            stages["corrupting the test sets"] = stages.get("corrupting the test sets", 0.0) + time.time() - t0
         adapter = adapters[name]
         if reset:
             adapter.reset()
@@ -747,12 +753,14 @@ def run(args):
             sets.pop(c)  # the corrupted set is the same for every method and seed; free it once they are done
 
     wall = time.time() - t_start
+    stages["adapting (every method, seed and stream)"] = wall - stages.get("corrupting the test sets", 0.0)
     ms = {n: 1000 * float(np.mean(times[n])) for n in names}
     source_ms = {b: 1000 * float(np.mean(t)) for b, t in source_times.items()}
     ratio = {n: ms[n] / source_ms[bs[n]] if source_ms[bs[n]] > 0 else float("nan") for n in names}
     print(results_table(acc, names, len(args.seeds), {n: (bs[n], ms[n], ratio[n]) for n in names}))
     print(f"{n_samples} samples in {wall:.1f} s ({n_samples / wall:.1f} samples/s over all methods); "
           f"time per batch against Source's forward at the same batch size")
+    print("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
     out = args.results or results_path(args, names)
     summary = {c: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for k, v in d.items()}
                for c, d in acc.items()}
@@ -762,7 +770,7 @@ def run(args):
     common.write_json(out, {"args": vars(args), "methods": names, "batch_size": bs, "accuracy": summary,
                             "average": avg, "average_std": {n: float(np.std(v)) for n, v in per_seed_avg.items()},
                             "average_per_seed": per_seed_avg, "wall_seconds": wall,
-                            "samples_per_second": n_samples / wall, "ms_per_batch": ms,
+                            "samples_per_second": n_samples / wall, "ms_per_batch": ms, "stage_seconds": stages,
                             "source_ms_per_batch": {str(b): v for b, v in source_ms.items()},
                            "time_ratio_to_source": ratio})
     print(f"wrote {out}")

@@ -194,12 +194,18 @@ def train_source(args, quiet=False):
         val_set = data.ReadLayoutDataset(args.val_json, args.label_csv, **kw) if args.val_json else None
     model.to(device)
     metrics = {}
+    stages = {"data": time.time() - t0}  # seconds per stage of this run
     if args.pretrain_epochs != 0:
+        t1 = time.time()
         pretrain(model, train_set, args, device, quiet)
+        stages["pre-training"] = time.time() - t1
         if val_set is not None and isinstance(val_set, data.AVTensors):
             metrics["retrieval_pretrained"] = retrieval(model, val_set, device)
+    t1 = time.time()
     finetune(model, train_set, args, device, quiet)
+    stages["fine-tuning"] = time.time() - t1
     metrics["train_seconds"] = time.time() - t0
+    metrics["stage_seconds"] = stages
     if val_set is not None:
         metrics.update(evaluate(model, data.make_loader(val_set, 256, shuffle=False), device))
         if isinstance(val_set, data.AVTensors):
@@ -860,7 +866,8 @@ def default_source(config, data_seed, device):
         print(f"no source checkpoint at {path}: training one first (about a minute and a half on a CPU)")
     train_source(build_parser().parse_args(["--config", config, "--device", str(device), "--out", path,
                                             "--data-seed", str(data_seed)]))
-    return common.load_checkpoint(path, device=device)
+    model, meta = common.load_checkpoint(path, device=device)
+    return model, {**meta, "trained_now": True}  # the caller may report this run's training stages
 
 
 def check_data_seed(path, meta, data_seed):

@@ -91,6 +91,10 @@ def test_runner_end_to_end_and_paired_source(tmp_path):
     # the Source column is the frozen model's batch-averaged accuracy on the same stream
     assert abs(acc["source"]["mean"] - source_stream_accuracy("gaussian_noise", 64)) < 1e-9
     assert res["batch_size"] == {"source": 64, "read": 64} and res["samples_per_second"] > 0
+    # the stages: the source model was already there (loaded, not trained); corrupting + adapting = the run's wall time
+    st = res["stage_seconds"]
+    assert list(st) == ["loading the source model", "corrupting the test sets", "adapting (every method, seed and stream)"]
+    assert st["corrupting the test sets"] + st["adapting (every method, seed and stream)"] == pytest.approx(res["wall_seconds"])
 
 
 def test_runner_same_seed_same_numbers(tmp_path):

@@ -12,7 +12,11 @@ def test_source_training_saves_a_checkpoint_that_reproduces_its_metrics(tmp_path
     model, meta = common.load_checkpoint(str(out))
     metrics = meta["metrics"]
     assert set(metrics) == {"train_seconds", "multimodal", "audioonly", "videoonly", "retrieval_pretrained",
-                            "retrieval_finetuned"}
+                            "retrieval_finetuned", "stage_seconds"}
+    # the stages of the run, in order; with the pre-training's retrieval check between them they add up to
+    # no more than the training time
+    assert list(metrics["stage_seconds"]) == ["data", "pre-training", "fine-tuning"]
+    assert 0 < sum(metrics["stage_seconds"].values()) <= metrics["train_seconds"]
     assert meta["benchmark"] == data.embedded_id()
     # the saved clean test accuracies are what the saved weights give again
     again = train.evaluate(model, data.make_loader(data.embedded_split("test", model), 256, shuffle=False), "cpu")
