@@ -335,7 +335,120 @@ class PromptGate(nn.Module):
         return self.net(c)  # (B, D_m) logits; the sigmoid and the missing rule are in instance_gate
 
 
-class AOEPT(nn.Module):
+class PromptedTowers(nn.Module):
+    """What AOEPT (and the MAP baseline) adds to two frozen towers, whatever the backbone: the queries and
+    their LayerNorms (or MAP's plain prompts), the gates, the shared prompts, the logit scale, the memory
+    buffers, and how the prompts of one prompted layer are built and instantiated. Subclasses name
+    MODALITIES and run their towers (AOEPT: CAV-MAE, AOEPTCLIP: CLIP)."""
+
+    MODALITIES = ()
+
+    def build_prompts(self, D, D_s, n_cases, prompt_len, depth, memory, gate, per_case, aux_weight, num_heads,
+                      reduction, shared):
+        """Create the trainable parts. D {m: width of m's tower}, D_s the shared prompts' bottleneck width,
+        n_cases the missing cases of MAP's per-case prompts."""
+        if memory and per_case:
+            raise ValueError("per_case prompts are the MAP baseline; use them with memory=False")
+        if shared and not memory:
+            raise ValueError("shared prompts read the memory; use them with memory=True")
+        other = dict(zip(self.MODALITIES, reversed(self.MODALITIES)))
+        self.prompt_len, self.depth, self.num_heads = prompt_len, depth, num_heads
+        self.use_memory, self.use_gate, self.per_case, self.aux_weight = memory, gate, per_case, aux_weight
+        self.use_shared = shared
+        if memory:
+            # Step construct: learnable queries Q^l_m (depth, L, D_m) and one LayerNorm per modality
+            self.query = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D[m]))
+                                           for m in self.MODALITIES})
+            self.prompt_norm = nn.ModuleDict({m: nn.LayerNorm(D[m]) for m in self.MODALITIES})
+            # Step distil: the frozen memory C_m (depth, K, D_m), a buffer per modality filled by `prepare`
+            for m in self.MODALITIES:
+                self.register_buffer(f"memory_{m}", torch.empty(0))
+        else:
+            # MAP: one prompt set per missing case (or one for every sample)
+            shape = (n_cases, depth, prompt_len) if per_case else (depth, prompt_len)
+            self.prompts = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(*shape, D[m])) for m in self.MODALITIES})
+        if gate:
+            # Step instantiate: the gate of m's prompts reads the other modality's features
+            self.gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D[other[m]], D[m], reduction) for _ in range(depth)])
+                                       for m in self.MODALITIES})
+        if shared:
+            # Step shared: one bottleneck query per layer for both modalities (depth, L, D_s)
+            self.shared_query = nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D_s))
+            self.shared_proj = nn.ModuleDict({m: nn.ModuleList([
+                nn.Sequential(nn.Linear(D_s, D_s), nn.GELU(), nn.Linear(D_s, D[m])) for _ in range(depth)])
+                for m in self.MODALITIES})
+            self.shared_norm = nn.ModuleDict({m: nn.LayerNorm(D[m]) for m in self.MODALITIES})
+            if gate:
+                self.shared_gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D[other[m]], D[m], reduction)
+                                                                    for _ in range(depth)]) for m in self.MODALITIES})
+        if aux_weight > 0:
+            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+
+    def memories(self):
+        """{m: the frozen memory C_m (depth, K_m, D_m)}."""
+        return {m: getattr(self, f"memory_{m}") for m in self.MODALITIES}
+
+    def set_memory(self, *memories):
+        """Install the distilled memories (depth, K_m, D_m), one per modality in MODALITIES order; frozen buffers."""
+        for m, memory in zip(self.MODALITIES, memories):
+            setattr(self, f"memory_{m}", memory.detach().clone())
+
+    def base_prompts(self, case):
+        """The prompts before instantiation: {m: (depth, B or 1, L, D_m)}. case (B,): each sample's missing case."""
+        if self.use_memory:
+            memory = self.memories()
+            if memory[self.MODALITIES[0]].numel() == 0:
+                raise RuntimeError("the AOEPT memory is empty: run aoept.prepare(model, train_loader, device) first.")
+            return {m: modal_contextualized_prompt(self.query[m], memory[m], self.prompt_norm[m], self.num_heads)
+                    .unsqueeze(1) for m in self.MODALITIES}  # (depth, 1, L, D_m): the same for every sample
+        if self.per_case:
+            # MAP: the prompt set of the sample's missing case
+            return {m: self.prompts[m][case].transpose(0, 1) for m in self.MODALITIES}  # (depth, B, L, D_m)
+        return {m: self.prompts[m].unsqueeze(1) for m in self.MODALITIES}
+
+    def shared_prompts(self):
+        """The shared prompts before instantiation: {m: (depth, 1, L, D_m)}, or None when off."""
+        if not self.use_shared:
+            return None
+        memory = self.memories()
+        return {m: torch.stack([shared_prompt(self.shared_query[l], self.shared_proj[m][l], memory[m][l],
+                                              self.shared_norm[m], self.num_heads) for l in range(self.depth)])
+                .unsqueeze(1) for m in self.MODALITIES}
+
+    def layer_prompts(self, base, shared, l, c, present):
+        """The instantiated prompts of prompted layer l: {m: (B, L or 2L, D_m)}, [shared; modality-specific].
+        c {m: (B, D_m)}: each tower's mean features entering layer l; present {m: (B,) bool}."""
+        other = dict(zip(self.MODALITIES, reversed(self.MODALITIES)))
+        B = len(present[self.MODALITIES[0]])
+        prompts = {}
+        for m in self.MODALITIES:
+            p = base[m][l].expand(B, -1, -1)  # (B, L, D_m)
+            if self.use_gate:
+                # Step instantiate: g^l_{m,i} = sigmoid(MLP^l_m(c^{l-1}_{m',i})), 1 where m' is missing
+                g = instance_gate(self.gate[m][l](c[other[m]]), present[other[m]])  # (B, D_m)
+                # Step instantiate: P^l_{m,i} = P^l_m * g^l_{m,i}
+                p = p * g.unsqueeze(1)  # (B, L, D_m)
+            prompts[m] = p
+            if shared is not None:
+                s = shared[m][l].expand(B, -1, -1)  # (B, L, D_m)
+                if self.use_gate:
+                    # Step instantiate: the shared prompt's own gate, same source and missing rule
+                    s = s * instance_gate(self.shared_gate[m][l](c[other[m]]), present[other[m]]).unsqueeze(1)
+                prompts[m] = torch.cat([s, p], dim=1)  # (B, 2L, D_m): [shared; modality-specific]
+        return prompts
+
+    def aux_loss(self, prompt_means, feats, present):
+        """L_aux: InfoNCE averaged over the (layer, modality) terms that have >= 2 present samples."""
+        zero = self.head.weight.new_zeros(()) if isinstance(self.head, nn.Linear) else self.head[1].weight.new_zeros(())
+        if self.aux_weight <= 0:
+            return zero
+        terms = [info_nce(p, f, present[m], self.logit_scale) for (m, p), f in zip(prompt_means, feats)]
+        terms = [t for t in terms if t is not None]
+        # Step auxiliary: L_aux = mean over the (layer, modality) terms
+        return torch.stack(terms).mean() if terms else zero
+
+
+class AOEPT(PromptedTowers):
     """A frozen CAVMAE with deep prompts in both towers. model(batch) -> logits (B, C).
 
     memory: MCPs from the frozen K-means memory (else plain learnable prompts, MAP-style);
@@ -351,78 +464,18 @@ class AOEPT(nn.Module):
         super().__init__()
         if not 1 <= depth <= len(backbone.blocks_a):
             raise ValueError(f"depth {depth} must be between 1 and the towers' {len(backbone.blocks_a)} blocks")
-        if memory and per_case:
-            raise ValueError("per_case prompts are the MAP-style baseline; use them with memory=False")
-        if shared and not memory:
-            raise ValueError("shared prompts read the memory; use them with memory=True")
         self.backbone = backbone.eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         D = backbone.embed_dim
-        self.prompt_len, self.depth, self.num_heads = prompt_len, depth, num_heads
-        self.use_memory, self.use_gate, self.per_case, self.aux_weight = memory, gate, per_case, aux_weight
-        self.use_shared = shared
-        if memory:
-            # Step construct: learnable queries Q^l_m (depth, L, D) and one LayerNorm per modality
-            self.query = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D))
-                                           for m in self.MODALITIES})
-            self.prompt_norm = nn.ModuleDict({m: nn.LayerNorm(D) for m in self.MODALITIES})
-            # Step distil: the frozen memory C_m (depth, K, D), a buffer filled by `prepare`
-            self.register_buffer("memory_a", torch.empty(0))
-            self.register_buffer("memory_v", torch.empty(0))
-        else:
-            # DEVIATION: MAP's input-level prompts accumulate across ViLT's layers; the MAP-style
-            # baseline keeps AOEPT's insertion so that only memory, gate and L_aux differ.
-            shape = (4, depth, prompt_len, D) if per_case else (depth, prompt_len, D)  # 4 missing cases
-            self.prompts = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(*shape)) for m in self.MODALITIES})
-        if gate:
-            # Step instantiate: gate_a reads the video features, gate_v the audio features
-            self.gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D, D, reduction) for _ in range(depth)])
-                                       for m in self.MODALITIES})
-        if shared:
-            # DEVIATION: the public code's bottleneck is the text width / reduction for both towers; ours D / 16.
-            D_s = max(1, D // reduction)
-            # Step shared: one bottleneck query per layer for both modalities (depth, L, D_s)
-            self.shared_query = nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D_s))
-            self.shared_proj = nn.ModuleDict({m: nn.ModuleList([
-                nn.Sequential(nn.Linear(D_s, D_s), nn.GELU(), nn.Linear(D_s, D)) for _ in range(depth)])
-                for m in self.MODALITIES})
-            self.shared_norm = nn.ModuleDict({m: nn.LayerNorm(D) for m in self.MODALITIES})
-            if gate:
-                self.shared_gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D, D, reduction) for _ in range(depth)])
-                                                  for m in self.MODALITIES})
-        if aux_weight > 0:
-            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        # DEVIATION: MAP's input-level prompts accumulate across ViLT's layers; the MAP-style
+        # baseline keeps AOEPT's insertion so that only memory, gate and L_aux differ (4 missing cases).
+        # DEVIATION: the public code's bottleneck is the text width / reduction for both towers; ours D / 16.
+        self.build_prompts({m: D for m in self.MODALITIES}, max(1, D // reduction), 4, prompt_len, depth, memory,
+                           gate, per_case, aux_weight, num_heads, reduction, shared)
         # DEVIATION: the public code trains a fresh classifier (+ CLIP's final norms/projections);
         # CAV-MAE's mlp_head (LayerNorm + Linear) is trained on this task, so we fine-tune a copy.
         self.head = copy.deepcopy(backbone.mlp_head).requires_grad_(True)
-
-    def set_memory(self, memory_a, memory_v):
-        """Install the distilled memories (depth, K_m, D); they stay frozen buffers."""
-        self.memory_a, self.memory_v = memory_a.detach().clone(), memory_v.detach().clone()
-
-    def base_prompts(self, has_a, has_v):
-        """The prompts before instantiation: {m: (depth, B or 1, L, D)}."""
-        if self.use_memory:
-            if self.memory_a.numel() == 0:
-                raise RuntimeError("the AOEPT memory is empty: run aoept.prepare(model, train_loader, device) first.")
-            memory = {"a": self.memory_a, "v": self.memory_v}
-            return {m: modal_contextualized_prompt(self.query[m], memory[m], self.prompt_norm[m], self.num_heads)
-                    .unsqueeze(1) for m in self.MODALITIES}  # (depth, 1, L, D): the same for every sample
-        if self.per_case:
-            # MAP: the prompt set of the sample's missing case (0 complete, 1 no audio, 2 no video, 3 neither)
-            case = (~has_a).long() + 2 * (~has_v).long()  # (B,)
-            return {m: self.prompts[m][case].transpose(0, 1) for m in self.MODALITIES}  # (depth, B, L, D)
-        return {m: self.prompts[m].unsqueeze(1) for m in self.MODALITIES}
-
-    def shared_prompts(self):
-        """The shared prompts before instantiation: {m: (depth, 1, L, D)}, or None when off."""
-        if not self.use_shared:
-            return None
-        memory = {"a": self.memory_a, "v": self.memory_v}
-        return {m: torch.stack([shared_prompt(self.shared_query[l], self.shared_proj[m][l], memory[m][l],
-                                              self.shared_norm[m], self.num_heads) for l in range(self.depth)])
-                .unsqueeze(1) for m in self.MODALITIES}
 
     def forward(self, batch, return_aux=False):
         """batch dict -> logits (B, C); with return_aux also the auxiliary loss (scalar tensor)."""
@@ -431,9 +484,9 @@ class AOEPT(nn.Module):
         B = x["a"].shape[0]
         ones = torch.ones(B, dtype=torch.bool, device=x["a"].device)
         present = {"a": batch.get("has_audio", ones), "v": batch.get("has_video", ones)}  # (B,) each
-        other = {"a": "v", "v": "a"}
         blocks = {"a": bb.blocks_a, "v": bb.blocks_v}
-        base = self.base_prompts(present["a"], present["v"])
+        # MAP's missing case: 0 complete, 1 no audio, 2 no video, 3 neither
+        base = self.base_prompts((~present["a"]).long() + 2 * (~present["v"]).long())
         shared = self.shared_prompts()
         n_p = 0  # prompt positions at the front of each sequence
         prompt_means, feats = [], []  # for the auxiliary loss: (modality, (B, D)) per prompted layer
@@ -443,21 +496,7 @@ class AOEPT(nn.Module):
                 # DEVIATION: the public CLIP code gates vision at layer i with text AFTER layer i
                 # (text runs first); we use the previous layer for both towers, symmetrically.
                 c = {m: token_mean(x[m], n_p) for m in self.MODALITIES}  # (B, D) each
-                prompts = {}
-                for m in self.MODALITIES:
-                    p = base[m][l].expand(B, -1, -1)  # (B, L, D)
-                    if self.use_gate:
-                        # Step instantiate: g^l_{m,i} = sigmoid(MLP^l_m(c^{l-1}_{m',i})), 1 where m' is missing
-                        g = instance_gate(self.gate[m][l](c[other[m]]), present[other[m]])  # (B, D)
-                        # Step instantiate: P^l_{m,i} = P^l_m * g^l_{m,i}
-                        p = p * g.unsqueeze(1)  # (B, L, D)
-                    prompts[m] = p
-                    if shared is not None:
-                        s = shared[m][l].expand(B, -1, -1)  # (B, L, D)
-                        if self.use_gate:
-                            # Step instantiate: the shared prompt's own gate, same source and missing rule
-                            s = s * instance_gate(self.shared_gate[m][l](c[other[m]]), present[other[m]]).unsqueeze(1)
-                        prompts[m] = torch.cat([s, p], dim=1)  # (B, 2L, D): [shared; modality-specific]
+                prompts = self.layer_prompts(base, shared, l, c, present)  # {m: (B, L or 2L, D)}
                 # Step insert: the gated prompts REPLACE the previous layer's prompt outputs
                 x = {m: torch.cat([prompts[m], x[m][:, n_p:]], dim=1) for m in self.MODALITIES}  # (B, n_p + N_m, D)
                 n_p = prompts["a"].shape[1]  # L, or 2L with the shared prompts
@@ -474,10 +513,6 @@ class AOEPT(nn.Module):
             return logits
         return logits, self.aux_loss(prompt_means, feats, present)
 
-    def aux_loss(self, prompt_means, feats, present):
-        """L_aux: InfoNCE averaged over the (layer, modality) terms that have >= 2 present samples."""
-        return aux_loss(self, prompt_means, feats, present)
-
 
 def text_mean(x, eot, n_prompt=0):
     """Mean of a text's tokens t_0 .. t_eot (the padding after the end-of-text token excluded), with the
@@ -488,15 +523,11 @@ def text_mean(x, eot, n_prompt=0):
 
 
 def image_text_present(batch):
-    """{'i': has image, 't': has text} (B,) bool from the batch's missing codes (0 complete, 1 text
-    missing, 2 image missing; no codes: all complete)."""
-    missing = batch.get("missing")
-    if missing is None:
-        missing = torch.zeros(len(batch["image"]), dtype=torch.long, device=batch["image"].device)
-    return {"i": missing != 2, "t": missing != 1}
+    """{'i': has image, 't': has text} (B,) bool from the batch's missing codes (common.image_text_presence)."""
+    return dict(zip(("i", "t"), common.image_text_presence(batch)))
 
 
-class AOEPTCLIP(nn.Module):
+class AOEPTCLIP(PromptedTowers):
     """A frozen CLIP with deep prompts in both towers (the public code's CLIP path). model(batch) -> logits (B, C).
 
     Prompts go in front of the text tokens and in front of the image class token (m = 'i' image, 't' text).
@@ -514,77 +545,18 @@ class AOEPTCLIP(nn.Module):
         n_layers = len(backbone.transformer.resblocks)
         if len(backbone.visual.transformer.resblocks) != n_layers or not 1 <= depth <= n_layers:
             raise ValueError(f"depth {depth} must be between 1 and the towers' {n_layers} blocks (equal in both towers)")
-        if memory and per_case:
-            raise ValueError("per_case prompts are the MAP baseline; use them with memory=False")
-        if shared and not memory:
-            raise ValueError("shared prompts read the memory; use them with memory=True")
         self.backbone = backbone.eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         D = {"i": backbone.visual.conv1.out_channels, "t": backbone.token_embedding.embedding_dim}
-        other = {"i": "t", "t": "i"}
-        self.prompt_len, self.depth, self.num_heads, self.accumulate = prompt_len, depth, num_heads, accumulate
-        self.use_memory, self.use_gate, self.per_case, self.aux_weight = memory, gate, per_case, aux_weight
-        self.use_shared = shared
-        if memory:
-            # Step construct: learnable queries Q^l_m (depth, L, D_m) and one LayerNorm per modality
-            self.query = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D[m]))
-                                           for m in self.MODALITIES})
-            self.prompt_norm = nn.ModuleDict({m: nn.LayerNorm(D[m]) for m in self.MODALITIES})
-            # Step distil: the frozen memory C_m (depth, K, D_m), buffers filled by `prepare` / `set_memory`
-            self.register_buffer("memory_i", torch.empty(0))
-            self.register_buffer("memory_t", torch.empty(0))
-        else:
-            # MAP: one prompt set per missing case (0 complete, 1 text missing, 2 image missing)
-            shape = (3, depth, prompt_len) if per_case else (depth, prompt_len)
-            self.prompts = nn.ParameterDict({m: nn.Parameter(INIT_STD * torch.randn(*shape, D[m])) for m in self.MODALITIES})
-        if gate:
-            # Step instantiate: the image prompts' gate reads the text features, the text prompts' the image's
-            self.gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D[other[m]], D[m], reduction) for _ in range(depth)])
-                                       for m in self.MODALITIES})
-        if shared:
-            D_s = max(1, D["t"] // reduction)  # the public code's bottleneck: text width / reduction
-            # Step shared: one bottleneck query per layer for both modalities (depth, L, D_s)
-            self.shared_query = nn.Parameter(INIT_STD * torch.randn(depth, prompt_len, D_s))
-            self.shared_proj = nn.ModuleDict({m: nn.ModuleList([
-                nn.Sequential(nn.Linear(D_s, D_s), nn.GELU(), nn.Linear(D_s, D[m])) for _ in range(depth)])
-                for m in self.MODALITIES})
-            self.shared_norm = nn.ModuleDict({m: nn.LayerNorm(D[m]) for m in self.MODALITIES})
-            if gate:
-                self.shared_gate = nn.ModuleDict({m: nn.ModuleList([PromptGate(D[other[m]], D[m], reduction)
-                                                                    for _ in range(depth)]) for m in self.MODALITIES})
-        if aux_weight > 0:
-            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.accumulate = accumulate
+        # the shared prompts' bottleneck is the public code's, text width / reduction; MAP's 3 missing cases
+        self.build_prompts(D, max(1, D["t"] // reduction), 3, prompt_len, depth, memory, gate, per_case, aux_weight,
+                           num_heads, reduction, shared)
         # The public code's classifier: a new Linear on [image embedding; text embedding] (1024 -> C for ViT-B/16)
         self.head = nn.Linear(2 * backbone.embed_dim, num_classes)
         for p in CLIP_TRAINED_PARTS(backbone):  # the public code also trains CLIP's final LayerNorms and projections
             p.requires_grad_(True)
-
-    def set_memory(self, memory_i, memory_t):
-        """Install the distilled memories (depth, K_m, D_m); they stay frozen buffers."""
-        self.memory_i, self.memory_t = memory_i.detach().clone(), memory_t.detach().clone()
-
-    def base_prompts(self, missing):
-        """The prompts before instantiation: {m: (depth, B or 1, L, D_m)}. missing (B,) codes 0 / 1 / 2."""
-        if self.use_memory:
-            if self.memory_i.numel() == 0:
-                raise RuntimeError("the AOEPT memory is empty: run aoept.prepare(model, train_loader, device) first.")
-            memory = {"i": self.memory_i, "t": self.memory_t}
-            return {m: modal_contextualized_prompt(self.query[m], memory[m], self.prompt_norm[m], self.num_heads)
-                    .unsqueeze(1) for m in self.MODALITIES}  # (depth, 1, L, D_m): the same for every sample
-        if self.per_case:
-            # MAP: the prompt set of the sample's missing case
-            return {m: self.prompts[m][missing].transpose(0, 1) for m in self.MODALITIES}  # (depth, B, L, D_m)
-        return {m: self.prompts[m].unsqueeze(1) for m in self.MODALITIES}
-
-    def shared_prompts(self):
-        """The shared prompts before instantiation: {m: (depth, 1, L, D_m)}, or None when off."""
-        if not self.use_shared:
-            return None
-        memory = {"i": self.memory_i, "t": self.memory_t}
-        return {m: torch.stack([shared_prompt(self.shared_query[l], self.shared_proj[m][l], memory[m][l],
-                                              self.shared_norm[m], self.num_heads) for l in range(self.depth)])
-                .unsqueeze(1) for m in self.MODALITIES}
 
     def forward(self, batch, return_aux=False):
         """batch dict (image, text, optional missing) -> logits (B, C); with return_aux also L_aux (scalar)."""
@@ -599,7 +571,6 @@ class AOEPTCLIP(nn.Module):
         missing = batch.get("missing", torch.zeros(B, dtype=torch.long, device=text.device))
         # DEVIATION: text means exclude the padding after the end-of-text token (the public code averages it in)
         mean = {"i": lambda h, n: token_mean(h, n), "t": lambda h, n: text_mean(h, eot, n)}  # prompts excluded
-        other = {"i": "t", "t": "i"}
         blocks = {"i": bb.visual.transformer.resblocks, "t": bb.transformer.resblocks}
         base, shared = self.base_prompts(missing), self.shared_prompts()
         n_p = 0  # prompt positions at the front of each sequence
@@ -610,21 +581,7 @@ class AOEPTCLIP(nn.Module):
                 # DEVIATION: the public CLIP code gates vision at layer l with the text AFTER layer l (text
                 # runs first); we use the previous layer for both towers, symmetrically.
                 c = {m: mean[m](x[m], n_p) for m in self.MODALITIES}  # (B, D_m) each
-                prompts = {}
-                for m in self.MODALITIES:
-                    p = base[m][l].expand(B, -1, -1)  # (B, L, D_m)
-                    if self.use_gate:
-                        # Step instantiate: g^l_{m,i} = sigmoid(MLP^l_m(c^{l-1}_{m',i})), 1 where m' is missing
-                        g = instance_gate(self.gate[m][l](c[other[m]]), present[other[m]])  # (B, D_m)
-                        # Step instantiate: P^l_{m,i} = P^l_m * g^l_{m,i}
-                        p = p * g.unsqueeze(1)  # (B, L, D_m)
-                    prompts[m] = p
-                    if shared is not None:
-                        s = shared[m][l].expand(B, -1, -1)  # (B, L, D_m)
-                        if self.use_gate:
-                            # Step instantiate: the shared prompt's own gate, same source and missing rule
-                            s = s * instance_gate(self.shared_gate[m][l](c[other[m]]), present[other[m]]).unsqueeze(1)
-                        prompts[m] = torch.cat([s, p], dim=1)  # (B, 2L, D_m): [shared; modality-specific]
+                prompts = self.layer_prompts(base, shared, l, c, present)  # {m: (B, L or 2L, D_m)}
                 if self.accumulate:
                     # MAP: this layer's prompts go in front of the earlier layers' (which stay)
                     x = {m: torch.cat([prompts[m], x[m]], dim=1) for m in self.MODALITIES}
@@ -645,24 +602,13 @@ class AOEPTCLIP(nn.Module):
         logits = self.head(f)  # (B, C)
         if not return_aux:
             return logits
-        return logits, aux_loss(self, prompt_means, feats, present)
+        return logits, self.aux_loss(prompt_means, feats, present)
 
 
 def CLIP_TRAINED_PARTS(backbone):
     """The CLIP parameters the public code trains: the two projections and the final LayerNorms."""
     return [backbone.visual.proj, backbone.text_projection, *backbone.visual.ln_post.parameters(),
             *backbone.ln_final.parameters()]
-
-
-def aux_loss(model, prompt_means, feats, present):
-    """L_aux: InfoNCE averaged over the (layer, modality) terms that have >= 2 present samples."""
-    zero = model.head.weight.new_zeros(()) if isinstance(model.head, nn.Linear) else model.head[1].weight.new_zeros(())
-    if model.aux_weight <= 0:
-        return zero
-    terms = [info_nce(p, f, present[m], model.logit_scale) for (m, p), f in zip(prompt_means, feats)]
-    terms = [t for t in terms if t is not None]
-    # Step auxiliary: L_aux = mean over the (layer, modality) terms
-    return torch.stack(terms).mean() if terms else zero
 
 
 def build(backbone, num_classes=None, **kw):

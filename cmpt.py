@@ -493,10 +493,7 @@ class CMPTCLIP(nn.Module):
     def inputs(self, batch):
         """-> x_1 = image (B, 3, S, S), x_2 = text ids (B, C), has_1, has_2 (B,) bool, from the batch's
         missing codes (0 complete, 1 text missing, 2 image missing; none: all complete)."""
-        missing = batch.get("missing")
-        if missing is None:
-            missing = torch.zeros(len(batch["image"]), dtype=torch.long, device=batch["image"].device)
-        return batch["image"], batch["text"], missing != 2, missing != 1
+        return (batch["image"], batch["text"], *common.image_text_presence(batch))
 
     def blanks(self, image, text):
         """Placeholders of a dropped modality: zeros for the image, the empty string for the text

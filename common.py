@@ -469,6 +469,15 @@ class CLIP(nn.Module):
         return self.logit_scale.exp().clamp(max=CLIP_MAX_LOGIT_SCALE) * img @ txt.t()
 
 
+def image_text_presence(batch):
+    """(has_image, has_text), (B,) bool each, from an image-text batch's missing codes (MAP's: 0 complete,
+    1 text missing, 2 image missing); a batch without codes is complete."""
+    missing = batch.get("missing")
+    if missing is None:
+        missing = torch.zeros(len(batch["image"]), dtype=torch.long, device=batch["image"].device)
+    return missing != 2, missing != 1
+
+
 def clip_loss(logits_per_image):
     """CLIP's symmetric InfoNCE: image i picks text i among the batch and text i picks image i,
     (CE(logits, arange) + CE(logits^T, arange)) / 2. logits_per_image (B, B) -> scalar."""

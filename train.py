@@ -504,16 +504,27 @@ def fit(module, variant, backbone, train_set, args, device, seed, desc):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=module.WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader),
                                                 pct_start=0.1)
+    train_epochs(module, model, loader, opt, sched, epochs, device, desc)
+    return model.eval()
+
+
+def train_epochs(module, model, loader, opt, sched, epochs, device, desc):
+    """The training loop of a missing-modality method: `module.train_step` on every batch, the schedule
+    stepped after each, a progress bar with the loss terms. -> median ms per training step."""
     bar = tqdm(total=epochs * len(loader), desc=desc, leave=False, dynamic_ncols=True)
+    step_seconds = []
     for _ in range(epochs):
         model.train()
         for batch in loader:
-            _, losses = module.train_step(model, data.to_device(batch, device), opt)
+            batch = data.to_device(batch, device)
+            t0 = time.perf_counter()
+            _, losses = module.train_step(model, batch, opt)
+            step_seconds.append(time.perf_counter() - t0)
             sched.step()
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
     bar.close()
-    return model.eval()
+    return 1000 * float(np.median(step_seconds))
 
 
 def copy_frozen(model):
@@ -642,7 +653,7 @@ def fit_image_text(module, variant, backbone, train_set, info, cfg, args, device
         if memory_key is None or key not in _MEMORY_CACHE:
             module.prepare(model, data.make_loader(train_set, 256, shuffle=False), device, k_max=cfg["n_clusters"])
             if memory_key is not None:
-                _MEMORY_CACHE[key] = (model.memory_i, model.memory_t)
+                _MEMORY_CACHE[key] = tuple(model.memories().values())
         else:
             model.set_memory(*_MEMORY_CACHE[key])
     batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
@@ -653,20 +664,8 @@ def fit_image_text(module, variant, backbone, train_set, info, cfg, args, device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"], eps=cfg["eps"])
     total = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg["schedule"], total, cfg["warmup"]))
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-    step_seconds = []
-    for _ in range(epochs):
-        model.train()
-        for batch in loader:
-            batch = data.to_device(batch, device)
-            t0 = time.perf_counter()
-            _, losses = module.train_step(model, batch, opt)
-            step_seconds.append(time.perf_counter() - t0)
-            sched.step()
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-    bar.close()
-    return model.eval(), 1000 * float(np.median(step_seconds))
+    ms = train_epochs(module, model, loader, opt, sched, epochs, device, desc)
+    return model.eval(), ms
 
 
 @torch.no_grad()
