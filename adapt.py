@@ -542,19 +542,22 @@ def corruption_list(modality, corruption):
     return chosen
 
 
-def test_set(args, model, corruption):
-    """The corrupted test set for one corruption type (video, audio, or a 'video+audio' pair)."""
-    vc = ac = None
-    if args.modality == "both":
-        vc, ac = corruption.split("+")
-    elif args.modality == "video":
-        vc = corruption
-    else:
-        ac = corruption
+SET_GROUP = 15  # corrupted embedded test sets made at a time (side by side; 15 x 205 MB at most)
+
+
+def test_sets(args, model, names):
+    """The corrupted test sets of corruption types `names` (video, audio, or 'video+audio' pairs), in order.
+    Embedded: made side by side on every core (data.embedded_test_sets); a READ layout: one after the other."""
+    pairs = []
+    for corruption in names:
+        if args.modality == "both":
+            pairs.append(tuple(corruption.split("+")))
+        else:
+            pairs.append((corruption, None) if args.modality == "video" else (None, corruption))
     if args.data == "embedded":
-        return data.embedded_split("test", model, seed=args.data_seed, video_corruption=vc, audio_corruption=ac,
-                                   severity=args.severity, frost_dir=args.frost_dir, noise_dir=args.noise_dir)
-    return data.read_layout_split(args.data_root, args.label_csv, model, vc, ac, args.severity)
+        return data.embedded_test_sets(model, pairs, seed=args.data_seed, severity=args.severity,
+                                       frost_dir=args.frost_dir, noise_dir=args.noise_dir)
+    return [data.read_layout_split(args.data_root, args.label_csv, model, vc, ac, args.severity) for vc, ac in pairs]
 
 
 def source_json(args):
@@ -705,9 +708,11 @@ def run(args):
     def stream(name, corruption, seed, batch_size, reset):
         """One pass of `name` over the shuffled stream of one corruption; -> batch-averaged accuracy (%)."""
         nonlocal n_samples
-        if corruption not in sets:
+        if corruption not in sets:  # this corruption and the next ones (embedded: SET_GROUP at a time, side by side)
             t0 = time.time()
-            sets[corruption] = test_set(args, model, corruption)
+            i = corruptions.index(corruption)
+            group = [c for c in corruptions[i:i + (SET_GROUP if args.data == "embedded" else 1)] if c not in sets]
+            sets.update(zip(group, test_sets(args, model, group)))
             stages["corrupting the test sets"] = stages.get("corrupting the test sets", 0.0) + time.time() - t0
         adapter = adapters[name]
         if reset:

@@ -21,18 +21,19 @@ The embedded image-text benchmark (`embedded_image_text_split`: food, imdb, meme
 MM-IMDb and Hateful Memes) is generated in about 15 s and cached under `it_embedded_id`; its section's comment
 and the README give its design and the properties tests/test_image_text_benchmark.py checks.
 
-The embedded benchmark (`embedded_split`) is generated from a seed in about 20 s and cached in
+The embedded benchmark (`embedded_split`) is generated from a seed in about 15 s (both cores) and cached in
 `.cache/` under its version id (`embedded_id`); each clip is one audio-visual event (see the section's
 comment and the README for its design and the properties tests/test_benchmark.py checks). Its corruptions are the 15 video + 6 audio corruptions
 of Kinetics50-C / VGGSound-C, applied to the raw frames / waveforms of the test split before
 pre-processing, exactly where READ applied them to the real clips.
 
 Sections, in file order:
-    The one pre-processing path            wav_to_fbank, frames_to_input
+    The one pre-processing path            wav_to_fbank, wavs_to_fbank, frames_to_input
+    Both cores for the one-off preparation  parallel_fill, shared_empty, cpu_workers (THREAD_DEPENDENT)
     A dataset of tensors and its batches   AVTensors, make_loader, to_device
     Corruptions of Kinetics50-C / VGGSound-C   corrupt_video, corrupt_audio, read_image, read_wav, write_wav
     The embedded benchmark                 EMBEDDED, synth_frames, synth_audio, generate_embedded, embedded_raw,
-                                           embedded_split
+                                           embedded_split, embedded_test_sets
     The embedded image-text benchmark      food / imdb / memes (IT_TASKS, IT_EMBEDDED): draw_attributes,
                                            render_pictures, generate_image_text, image_text_raw, it_embedded_id,
                                            embedded_tokenizer, embedded_image_text_split
@@ -56,6 +57,7 @@ import hashlib
 import html
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import pathlib
@@ -69,8 +71,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio
-import torchvision.io
-import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import common
@@ -102,9 +102,24 @@ def wav_to_fbank(wav, mel_bins=128, target_length=1024):
     return (fbank - FBANK_MEAN) / FBANK_STD
 
 
-def wavs_to_fbank(wavs, mel_bins, target_length):
-    """(N, T_samples) -> (N, target_length, mel_bins). kaldi.fbank takes one waveform at a time."""
-    return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs])
+def wavs_to_fbank(wavs, mel_bins, target_length, workers=None):
+    """(N, T_samples) -> (N, target_length, mel_bins). kaldi.fbank takes one waveform at a time, so many
+    clips are shared among `workers` processes (parallel_fill; default one per core); the values do not
+    depend on how many."""
+    workers = cpu_workers() if workers is None else workers
+    if workers <= 1 or len(wavs) < PARALLEL_MIN_CLIPS:
+        return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs])
+    out = shared_empty((len(wavs), target_length, mel_bins), torch.float32)
+    bounds = np.linspace(0, len(wavs), workers + 1).round().astype(int)
+    parts = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    parallel_fill(functools.partial(_fbank_rows, wavs, mel_bins, target_length), parts, [out[a:b] for a, b in parts],
+                  workers)
+    return out.clone()  # out of shared memory
+
+
+def _fbank_rows(wavs, mel_bins, target_length, part):
+    a, b = part
+    return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs[a:b]])
 
 
 def frames_to_input(frames, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -112,9 +127,95 @@ def frames_to_input(frames, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     (ImageNet's by default; CLIP_MEAN / CLIP_STD for CLIP)."""
     x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
     if x.shape[-2:] != (size, size):
+        TF = vision().transforms.functional
         x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         x = TF.center_crop(x, [size, size]).clamp(0, 1)
-    return TF.normalize(x, mean, std)
+    mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device)[:, None, None] for v in (mean, std))
+    return (x - mean) / std  # torchvision's normalize, the same two operations
+
+
+def vision():
+    """torchvision, imported on first use: the import takes one to two seconds (it loads torch._dynamo), and
+    only resizing, JPEG coding and image files need it."""
+    import torchvision.io
+    import torchvision.transforms.functional
+    return torchvision
+
+
+# ----------------------------------------------------------------------------------------------
+# Both cores for the one-off preparation: generating the benchmark, its fbanks, the corrupted test sets
+# ----------------------------------------------------------------------------------------------
+# A run's first minutes are spent making data, mostly in code that uses one core (kaldi fbank one clip
+# at a time, random draws, small resizes). parallel_fill spreads independent jobs over forked worker
+# processes of one thread each. A job's arithmetic is then that of one thread, which gives the same
+# bytes as in this process only if the result does not depend on the thread count: checked byte for
+# byte for every use here on the whole benchmark (its generation, kaldi fbank, every corruption of the
+# test split but zoom blur, whose bilinear resize rounds differently with 2 threads; zoom blur therefore
+# runs in this process, at its own thread count, as before). tests/test_data.py checks the machinery.
+PARALLEL_MIN_CLIPS = 512  # fewer clips are prepared in this process (forking costs more than it saves)
+THREAD_DEPENDENT = ("zoom_blur",)  # corruptions made in this process, see above
+_IN_WORKER = False  # set in a worker: no pools inside a pool
+_FILL = {}  # a worker's function and destinations, inherited through the fork
+
+
+def cpu_workers():
+    """Worker processes for parallel_fill: one per core this process may run on; 1 (work here) inside
+    a worker, and where processes are not forked (not Linux: starting one afresh costs more than it saves)."""
+    if _IN_WORKER or not sys.platform.startswith("linux"):
+        return 1
+    return len(os.sched_getaffinity(0))
+
+
+def shared_empty(shape, dtype):
+    """An uninitialised tensor in anonymous shared memory: forked workers write into it, this process
+    reads it, with no copy through a pipe and no use of /dev/shm (64 MB in many containers)."""
+    count = math.prod(shape)
+    size = max(1, count * torch.empty((), dtype=dtype).element_size())
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=count).view(shape)
+
+
+def parallel_fill(fn, jobs, dests, workers=None, in_process=(), progress=None):
+    """dests[i] <- fn(jobs[i]) for every job (dests[i] a tensor, or a dict of tensors, made with
+    shared_empty), in `workers` forked processes of one thread each (default cpu_workers()); the jobs
+    whose indices are in `in_process` run in this process, at its thread count, while the workers do
+    the rest. progress(i) is called as job i is done. -> dests. With one worker every job runs here."""
+    workers = cpu_workers() if workers is None else workers
+    here = sorted(set(in_process))
+    elsewhere = [i for i in range(len(jobs)) if i not in here]
+    if workers <= 1 or len(elsewhere) + bool(here) <= 1:  # nothing to run side by side: all here
+        here, elsewhere = list(range(len(jobs))), []
+
+    def run_here():
+        for i in here:
+            _copy_into(dests[i], fn(jobs[i]))
+            if progress:
+                progress(i)
+    if not elsewhere:
+        run_here()
+        return dests
+    context = multiprocessing.get_context("fork")
+    with context.Pool(min(workers, len(elsewhere)), initializer=_init_worker, initargs=(fn, jobs, dests)) as pool:
+        done = pool.imap_unordered(_fill_one, elsewhere)  # the workers start at once
+        run_here()
+        for i in done:
+            if progress:
+                progress(i)
+    return dests
+
+
+def _copy_into(dest, value):
+    if isinstance(dest, dict):
+        for k, d in dest.items():
+            d.copy_(value[k])
+    else:
+        dest.copy_(value)
+
+
+def _fill_one(i):
+    """In a worker: job i of the pool's parallel_fill, written into its destination. -> i."""
+    fn, jobs, dests = _FILL["task"]
+    _copy_into(dests[i], fn(jobs[i]))
+    return i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +236,7 @@ class AVTensors(torch.utils.data.Dataset):
         return len(self.fields["label"])
 
     def __getitem__(self, i):
+        """Clip i, or with a list of positions the batch of those clips (what make_loader asks for)."""
         return {k: v[i] for k, v in self.fields.items()}
 
     def with_fields(self, **extra):
@@ -143,8 +245,16 @@ class AVTensors(torch.utils.data.Dataset):
 
 
 def make_loader(dataset, batch_size, shuffle, seed=0, num_workers=0):
-    """A DataLoader whose shuffling depends only on `seed` (same seed, same stream)."""
+    """A DataLoader whose shuffling depends only on `seed` (same seed, same stream).
+
+    In-memory clips (AVTensors) are fetched a batch at a time, one indexing of each field, not clip by
+    clip and stacked: the same batches in the same order (the same sampler, drawing from the same
+    generator), without a Python loop over the clips of every batch."""
     g = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, AVTensors):
+        order = torch.utils.data.RandomSampler(dataset, generator=g) if shuffle else torch.utils.data.SequentialSampler(dataset)
+        batches = torch.utils.data.BatchSampler(order, batch_size, drop_last=False)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=batches, generator=g, num_workers=num_workers)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
                                        num_workers=num_workers, drop_last=False)
 
@@ -718,8 +828,8 @@ def pixelate(x, factor):
 def jpeg_compression(x, quality):
     """Encode / decode every frame as JPEG at `quality` (torchvision libjpeg, uint8)."""
     u8 = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu()    # (N, C, H, W)
-    encoded = torchvision.io.encode_jpeg(list(u8), quality=int(quality))
-    decoded = torchvision.io.decode_jpeg(encoded)                           # codec works per image
+    encoded = vision().io.encode_jpeg(list(u8), quality=int(quality))
+    decoded = vision().io.decode_jpeg(encoded)                           # codec works per image
     return (torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255).clamp(0, 1)
 
 
@@ -772,7 +882,8 @@ def corrupt_video(frames, name, severity, generator=None, frost_dir=None, frost_
 def read_image(path):
     """A JPEG / PNG file -> uint8 (3, H, W) RGB; an unreadable file is a DataError naming it."""
     try:
-        image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+        io = vision().io
+        image = io.decode_image(io.read_file(str(path)), mode=io.ImageReadMode.RGB)
     except (RuntimeError, OSError) as err:
         why = "it is truncated" if "truncated" in str(err) else "it is damaged or not an image"
         raise DataError(f"{path} is not a readable JPEG/PNG image ({why}); replace or remove it.") from None
@@ -1185,28 +1296,39 @@ def synth_audio(labels, latents, g, cfg=EMBEDDED):
     return (wav + pink).clamp(-1, 1)
 
 
-def generate_embedded(seed=0, cfg=EMBEDDED, chunk=500, quiet=None):
+def generate_embedded(seed=0, cfg=EMBEDDED, chunk=500, quiet=None, workers=None):
     """Generate the three splits: {split: {'wav': (N, T) int16, 'frames': uint8 (N, 3, S, S), 'label',
-    'size', 'count', 'material'}}, in chunks of `chunk` clips (bounded memory, a progress bar)."""
-    out = {}
-    total = sum(cfg[f"n_{s}"] for s in ("train", "val", "test"))
-    bar = tqdm(total=total, desc="generating the embedded benchmark", unit="clip", dynamic_ncols=True,
-               disable=total < 1000 if quiet is None else quiet)
-    for i, split in enumerate(("train", "val", "test")):
-        g = torch.Generator().manual_seed(seed * 1000 + i)
-        n = cfg[f"n_{split}"]
-        labels = (torch.arange(n) % cfg["num_classes"])[torch.randperm(n, generator=g)]
-        latents = draw_latents(labels, g, cfg)
-        wavs, frames = [], []
-        for s in range(0, n, chunk):
-            part = {k: v[s:s + chunk] for k, v in latents.items()}
-            wavs.append(synth_audio(labels[s:s + chunk], part, g, cfg))
-            frames.append(synth_frames(labels[s:s + chunk], part, g, cfg))
-            bar.update(len(part["size"]))
-        out[split] = {"wav": (torch.cat(wavs) * 32767).round().to(torch.int16), "frames": torch.cat(frames),
-                      "label": labels, **latents}
+    'size', 'count', 'material'}}. Each split draws from its own generator (seed * 1000 + its index),
+    so the splits are made side by side in `workers` processes (parallel_fill) with the same bytes as
+    one after the other; within a split, chunks of `chunk` clips bound the memory."""
+    splits = ("train", "val", "test")
+    sizes = [cfg[f"n_{s}"] for s in splits]
+    dests = [{"wav": shared_empty((n, cfg["clip_samples"]), torch.int16),
+              "frames": shared_empty((n, 3, cfg["frame_size"], cfg["frame_size"]), torch.uint8),
+              "label": shared_empty((n,), torch.int64), "size": shared_empty((n,), torch.float32),
+              "count": shared_empty((n,), torch.int64), "material": shared_empty((n,), torch.float32)} for n in sizes]
+    bar = tqdm(total=sum(sizes), desc="generating the embedded benchmark", unit="clip", dynamic_ncols=True,
+               disable=sum(sizes) < 1000 if quiet is None else quiet)
+    make = functools.partial(_generate_split, seed=seed, cfg=cfg, chunk=chunk)
+    parallel_fill(make, list(enumerate(splits)), dests, workers, progress=lambda i: bar.update(sizes[i]))
     bar.close()
-    return out
+    return {split: {k: v.clone() for k, v in d.items()} for split, d in zip(splits, dests)}  # out of shared memory
+
+
+def _generate_split(job, seed, cfg, chunk):
+    """One split of the embedded benchmark: job = (its index i, its name); generator seed * 1000 + i."""
+    i, split = job
+    g = torch.Generator().manual_seed(seed * 1000 + i)
+    n = cfg[f"n_{split}"]
+    labels = (torch.arange(n) % cfg["num_classes"])[torch.randperm(n, generator=g)]
+    latents = draw_latents(labels, g, cfg)
+    wavs, frames = [], []
+    for s in range(0, n, chunk):
+        part = {k: v[s:s + chunk] for k, v in latents.items()}
+        wavs.append(synth_audio(labels[s:s + chunk], part, g, cfg))
+        frames.append(synth_frames(labels[s:s + chunk], part, g, cfg))
+    return {"wav": (torch.cat(wavs) * 32767).round().to(torch.int16), "frames": torch.cat(frames), "label": labels,
+            **latents}
 
 
 def embedded_raw(seed=0, cache_dir=CACHE_DIR):
@@ -1233,25 +1355,82 @@ def embedded_split(split, model, seed=0, video_corruption=None, audio_corruption
 
     A corruption (names in VIDEO_CORRUPTIONS / AUDIO_CORRUPTIONS) is applied to the raw frames or
     waveforms first; the corrupted test set is the same for every run (fixed `corruption_seed`).
+    embedded_test_sets makes many corrupted sets at once.
     """
+    job = (seed, split, _input_sizes(model), video_corruption, audio_corruption, severity, corruption_seed,
+           frost_dir, noise_dir, cache_dir)
+    audio, video = _corrupted_inputs(job)
+    return _with_clean_inputs(job, audio, video)
+
+
+def embedded_test_sets(model, pairs, seed=0, severity=5, corruption_seed=0, frost_dir=None, noise_dir=None,
+                       cache_dir=CACHE_DIR, workers=None, quiet=False):
+    """The corrupted test sets of several corruptions at once: pairs [(video corruption or None, audio
+    corruption or None)] -> [AVTensors], each equal to embedded_split('test', ...) of its pair, made side
+    by side in `workers` processes (parallel_fill; zoom blur here, see THREAD_DEPENDENT) with a progress bar."""
+    sizes = _input_sizes(model)
+    jobs = [(seed, "test", sizes, vc, ac, severity, corruption_seed, frost_dir, noise_dir, cache_dir) for vc, ac in pairs]
+    raw = embedded_raw(seed, cache_dir)["test"]
+    n, mel_bins, audio_length, image_size = len(raw["label"]), *sizes
+    for vc, ac in pairs:  # a bad name is refused before any work starts
+        if vc:
+            _check_name(vc, severity, VIDEO_CORRUPTIONS, "video")
+        if ac:
+            _check_name(ac, severity, AUDIO_CORRUPTIONS, "audio")
+    if jobs:  # the clean inputs first, in this process (a worker's copy would be lost with it)
+        _with_clean_inputs(jobs[0], None, None)
+    dests = [{**({"audio": shared_empty((n, audio_length, mel_bins), torch.float32)} if ac else {}),
+              **({"video": shared_empty((n, 3, image_size, image_size), torch.float32)} if vc else {})}
+             for vc, ac in pairs]
+    bar = tqdm(total=len(jobs), desc="corrupting the test sets", unit="set", dynamic_ncols=True, disable=quiet,
+               leave=False)
+    here = [i for i, (vc, _) in enumerate(pairs) if vc in THREAD_DEPENDENT]
+    parallel_fill(_corrupted_fields, jobs, dests, workers, in_process=here, progress=lambda i: bar.update(1))
+    bar.close()
+    return [_with_clean_inputs(job, d["audio"].clone() if "audio" in d else None, d["video"].clone() if "video" in d else None)
+            for job, d in zip(jobs, dests)]
+
+
+def _input_sizes(model):
+    return model.mel_bins, model.audio_length, model.image_size
+
+
+def _corrupted_inputs(job):
+    """The pre-processed (audio, video) of one split under one (video, audio) corruption pair; a modality
+    without corruption is None. The audio corruption draws first, then the video one, from one generator
+    seeded with corruption_seed."""
+    seed, split, (mel_bins, audio_length, image_size), vc, ac, severity, corruption_seed, frost_dir, noise_dir, cache_dir = job
     raw = embedded_raw(seed, cache_dir)[split]
     g = torch.Generator().manual_seed(corruption_seed)
-    wav = raw["wav"].float() / 32767  # (N, T_samples)
-    frames = raw["frames"].float() / 255  # (N, 3, S, S)
-    key = (seed, split, model.mel_bins, model.audio_length, model.image_size)
-    if audio_corruption:
-        wav = corrupt_audio(wav, audio_corruption, severity, generator=g, noise_dir=noise_dir).clamp(-1, 1)
-        audio = wavs_to_fbank(wav, model.mel_bins, model.audio_length)
-    else:  # the clean inputs are the same for every corruption of the other modality: compute them once
+    audio = video = None
+    if ac:
+        wav = raw["wav"].float() / 32767  # (N, T_samples)
+        wav = corrupt_audio(wav, ac, severity, generator=g, noise_dir=noise_dir).clamp(-1, 1)
+        audio = wavs_to_fbank(wav, mel_bins, audio_length)
+    if vc:
+        frames = raw["frames"].float() / 255  # (N, 3, S, S)
+        video = frames_to_input(corrupt_video(frames, vc, severity, generator=g, frost_dir=frost_dir), image_size)
+    return audio, video
+
+
+def _corrupted_fields(job):
+    audio, video = _corrupted_inputs(job)
+    return {k: v for k, v in (("audio", audio), ("video", video)) if v is not None}
+
+
+def _with_clean_inputs(job, audio, video):
+    """AVTensors of a split with the clean pre-processed input where a modality is None; the clean inputs
+    are the same for every corruption of the other modality: computed once per process (_CLEAN)."""
+    seed, split, (mel_bins, audio_length, image_size), *_, cache_dir = job
+    raw = embedded_raw(seed, cache_dir)[split]
+    key = (seed, split, mel_bins, audio_length, image_size)
+    if audio is None:
         if ("audio",) + key not in _CLEAN:
-            _CLEAN[("audio",) + key] = wavs_to_fbank(wav, model.mel_bins, model.audio_length)
+            _CLEAN[("audio",) + key] = wavs_to_fbank(raw["wav"].float() / 32767, mel_bins, audio_length)
         audio = _CLEAN[("audio",) + key]
-    if video_corruption:
-        video = frames_to_input(corrupt_video(frames, video_corruption, severity, generator=g, frost_dir=frost_dir),
-                                model.image_size)
-    else:
+    if video is None:
         if ("video",) + key not in _CLEAN:
-            _CLEAN[("video",) + key] = frames_to_input(frames, model.image_size)
+            _CLEAN[("video",) + key] = frames_to_input(raw["frames"].float() / 255, image_size)
         video = _CLEAN[("video",) + key]
     return AVTensors({"audio": audio, "video": video, "label": raw["label"]})
 
@@ -2463,8 +2642,8 @@ def corrupt_frame_files(files, name, severity, seed, frost_dir=None):
         bank = set_frost_bank(seed, max(h, w)) if name == "frost" and frost_dir is None else None
         out = corrupt_video(frames, name, severity, generator=generators, frost_dir=frost_dir, frost_bank=bank)
         u8 = (out * 255).round().clamp(0, 255).to(torch.uint8)            # (n, 3, H, W)
-        for k, jpeg in zip(ks, torchvision.io.encode_jpeg(list(u8), quality=JPEG_QUALITY)):
-            common.atomic_write(files[k][1], lambda tmp: torchvision.io.write_file(tmp, jpeg))
+        for k, jpeg in zip(ks, vision().io.encode_jpeg(list(u8), quality=JPEG_QUALITY)):
+            common.atomic_write(files[k][1], lambda tmp: vision().io.write_file(tmp, jpeg))
 
 
 def corrupt_wav_files(files, name, severity, seed, noise_dir=None):
@@ -2493,9 +2672,14 @@ def _exit_on_terminate(signum, frame):
     raise SystemExit(1)  # a BaseException: atomic_write removes its temp file on the way out
 
 
-def _init_worker():
-    """A worker computes with one thread; Ctrl-C is the main process's to handle, which then ends the
-    pool (SIGTERM), and a file being written is removed, not left half-written."""
+def _init_worker(*task):
+    """A worker computes with one thread and starts no pool of its own; Ctrl-C is the main process's to
+    handle, which then ends the pool (SIGTERM), and a file being written is removed, not left
+    half-written. task: parallel_fill's (fn, jobs, dests), inherited through the fork."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    if task:
+        _FILL["task"] = task
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_terminate)

@@ -171,13 +171,13 @@ def test_runner_read_layout_without_training_list_for_brimpr(tmp_path):
 # ---------------------------------------------------------------------------- several methods, one table
 def test_runner_methods_share_streams_and_sets(tmp_path, monkeypatch, capsys):
     built = []
-    test_set = adapt.test_set
-    monkeypatch.setattr(adapt, "test_set", lambda args, model, c: built.append(c) or test_set(args, model, c))
+    test_sets = adapt.test_sets
+    monkeypatch.setattr(adapt, "test_sets", lambda args, model, names: built.append(names) or test_sets(args, model, names))
     out = tmp_path / "all.json"
     adapt.main(["--methods", "tent", "eata", "sar", "deyo", "read", "abpem", "--corruption", "gaussian_noise,contrast",
                 "--seeds", "1", "2", "--results", str(out)])
     res = json.loads(out.read_text())
-    assert built == ["gaussian_noise", "contrast"]  # each corrupted set built once for all methods and seeds
+    assert built == [["gaussian_noise", "contrast"]]  # each corrupted set built once (side by side) for all methods and seeds
     assert res["methods"] == ["source", "tent", "eata", "sar", "deyo", "read", "abpem"]  # Source always first
     assert res["batch_size"] == {"source": 64, "tent": 64, "eata": 64, "sar": 64, "deyo": 64, "read": 64, "abpem": 8}
     # the Source column is the frozen model on the shuffled stream of batch 64; JSON average = mean over corruptions
@@ -312,7 +312,7 @@ def test_help_states_every_default_and_the_methods():
 def test_ctrl_c_ends_with_one_line_saying_what_was_saved(tmp_path, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(adapt, "test_set", interrupt)  # stopped during the data work of the first corruption
+    monkeypatch.setattr(adapt, "test_sets", interrupt)  # stopped during the data work of the first corruption
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit) as e:
         adapt.main(["--method", "tent", "--checkpoint", tiny10(tmp_path), "--corruption", "contrast",

@@ -95,6 +95,76 @@ def test_corrupted_test_split_changes_only_its_modality():
     assert torch.equal(aud.fields["audio"], data.embedded_split("test", m, audio_corruption="gaussian_noise").fields["audio"])
 
 
+# ---------------------------------------------------------------------------- both cores, the same bytes
+def _square_and_pid(job):  # module level: a forked worker finds it by name
+    if job == "bad":
+        raise data.DataError("job 'bad' failed")
+    return {"value": torch.tensor([float(job) ** 2]), "pid": torch.tensor([os.getpid()])}
+
+
+def test_parallel_fill_puts_each_result_in_its_place_and_runs_chosen_jobs_here():
+    jobs = [1, 2, 3, 4, 5]
+    dests = [{"value": data.shared_empty((1,), torch.float32), "pid": data.shared_empty((1,), torch.int64)} for _ in jobs]
+    done = []
+    data.parallel_fill(_square_and_pid, jobs, dests, workers=2, in_process=[3], progress=done.append)
+    assert [d["value"].item() for d in dests] == [1.0, 4.0, 9.0, 16.0, 25.0]  # job i -> dests[i]
+    pids = [d["pid"].item() for d in dests]
+    assert pids[3] == os.getpid() and all(p != os.getpid() for i, p in enumerate(pids) if i != 3)
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    # one worker: every job here
+    data.parallel_fill(_square_and_pid, jobs, dests, workers=1)
+    assert all(d["pid"].item() == os.getpid() for d in dests)
+    # a worker's error reaches the caller with its message
+    with pytest.raises(data.DataError, match="job 'bad' failed"):
+        data.parallel_fill(_square_and_pid, [1, "bad"], dests[:2], workers=2)
+
+
+def test_generation_and_fbank_do_not_depend_on_the_worker_count():
+    small = dict(data.EMBEDDED, n_train=40, n_val=20, n_test=30)
+    one, two = data.generate_embedded(5, small, workers=1), data.generate_embedded(5, small, workers=2)
+    assert all(torch.equal(one[s][k], two[s][k]) for s in one for k in one[s])
+    wavs = 0.1 * torch.randn(data.PARALLEL_MIN_CLIPS, 3200, generator=torch.Generator().manual_seed(0))
+    serial = torch.stack([data.wav_to_fbank(w, 64, 24) for w in wavs])
+    assert torch.equal(data.wavs_to_fbank(wavs, 64, 24, workers=2), serial)
+    assert torch.equal(data.wavs_to_fbank(wavs, 64, 24, workers=1), serial)
+
+
+def test_embedded_test_sets_equal_one_split_at_a_time():
+    m = CAVMAE("tiny")
+    pairs = [("zoom_blur", None), ("fog", None), (None, "wind"), ("contrast", "rain")]
+    sets = data.embedded_test_sets(m, pairs, workers=2, quiet=True)
+    for (vc, ac), ds in zip(pairs, sets):
+        one = data.embedded_split("test", m, video_corruption=vc, audio_corruption=ac)
+        assert all(torch.equal(ds.fields[k], one.fields[k]) for k in ("audio", "video", "label")), (vc, ac)
+    with pytest.raises(ValueError, match="Unknown video corruption 'fogg'"):
+        data.embedded_test_sets(m, [("fog", None), ("fogg", None)], quiet=True)
+
+
+def test_make_loader_gives_the_batches_of_per_clip_fetching():
+    ds = data.AVTensors({"audio": torch.randn(70, 4, 2), "video": torch.randn(70, 3, 2, 2), "label": torch.arange(70)})
+    for shuffle in (True, False):
+        torch.manual_seed(3)
+        ours = list(data.make_loader(ds, 32, shuffle=shuffle, seed=7))
+        after_ours = torch.rand(1)
+        torch.manual_seed(3)
+        g = torch.Generator().manual_seed(7)
+        clip_by_clip = list(torch.utils.data.DataLoader(ds, batch_size=32, shuffle=shuffle, generator=g))
+        assert torch.equal(after_ours, torch.rand(1))  # neither touches the global generator
+        assert [len(b["label"]) for b in ours] == [32, 32, 6]
+        for a, b in zip(ours, clip_by_clip):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(data.make_loader(ds, 32, shuffle=True)) == 3
+
+
+def test_importing_the_scripts_leaves_torchvision_unloaded():
+    import subprocess
+    import sys
+    code = "import sys, adapt, train; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_empty_dataset_is_an_error():
     with pytest.raises(data.DataError, match="empty"):
         data.AVTensors({"audio": torch.zeros(0, 2, 2), "video": torch.zeros(0, 3, 2, 2), "label": torch.zeros(0)})
