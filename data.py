@@ -108,7 +108,7 @@ def wavs_to_fbank(wavs, mel_bins, target_length, workers=None):
     depend on how many."""
     workers = cpu_workers() if workers is None else workers
     if workers <= 1 or len(wavs) < PARALLEL_MIN_CLIPS:
-        return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs])
+        return _fbank_rows(wavs, mel_bins, target_length, (0, len(wavs)))
     out = shared_empty((len(wavs), target_length, mel_bins), torch.float32)
     bounds = np.linspace(0, len(wavs), workers + 1).round().astype(int)
     parts = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -118,6 +118,7 @@ def wavs_to_fbank(wavs, mel_bins, target_length, workers=None):
 
 
 def _fbank_rows(wavs, mel_bins, target_length, part):
+    """The fbanks of clips part = (a, b): wavs[a:b]."""
     a, b = part
     return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs[a:b]])
 
@@ -1359,8 +1360,7 @@ def embedded_split(split, model, seed=0, video_corruption=None, audio_corruption
     """
     job = (seed, split, _input_sizes(model), video_corruption, audio_corruption, severity, corruption_seed,
            frost_dir, noise_dir, cache_dir)
-    audio, video = _corrupted_inputs(job)
-    return _with_clean_inputs(job, audio, video)
+    return _with_clean_inputs(job, _corrupted_inputs(job))
 
 
 def embedded_test_sets(model, pairs, seed=0, severity=5, corruption_seed=0, frost_dir=None, noise_dir=None,
@@ -1370,25 +1370,24 @@ def embedded_test_sets(model, pairs, seed=0, severity=5, corruption_seed=0, fros
     by side in `workers` processes (parallel_fill; zoom blur here, see THREAD_DEPENDENT) with a progress bar."""
     sizes = _input_sizes(model)
     jobs = [(seed, "test", sizes, vc, ac, severity, corruption_seed, frost_dir, noise_dir, cache_dir) for vc, ac in pairs]
-    raw = embedded_raw(seed, cache_dir)["test"]
+    raw = embedded_raw(seed, cache_dir)["test"]  # loaded here, so the workers inherit it
     n, mel_bins, audio_length, image_size = len(raw["label"]), *sizes
     for vc, ac in pairs:  # a bad name is refused before any work starts
         if vc:
             _check_name(vc, severity, VIDEO_CORRUPTIONS, "video")
         if ac:
             _check_name(ac, severity, AUDIO_CORRUPTIONS, "audio")
-    if jobs:  # the clean inputs first, in this process (a worker's copy would be lost with it)
-        _with_clean_inputs(jobs[0], None, None)
+    for modality in {m for vc, ac in pairs for m, c in (("audio", ac), ("video", vc)) if not c}:
+        _clean_input(jobs[0], modality)  # the clean inputs in use first, in this process (a worker's copy is lost)
     dests = [{**({"audio": shared_empty((n, audio_length, mel_bins), torch.float32)} if ac else {}),
               **({"video": shared_empty((n, 3, image_size, image_size), torch.float32)} if vc else {})}
              for vc, ac in pairs]
     bar = tqdm(total=len(jobs), desc="corrupting the test sets", unit="set", dynamic_ncols=True, disable=quiet,
                leave=False)
     here = [i for i, (vc, _) in enumerate(pairs) if vc in THREAD_DEPENDENT]
-    parallel_fill(_corrupted_fields, jobs, dests, workers, in_process=here, progress=lambda i: bar.update(1))
+    parallel_fill(_corrupted_inputs, jobs, dests, workers, in_process=here, progress=lambda i: bar.update(1))
     bar.close()
-    return [_with_clean_inputs(job, d["audio"].clone() if "audio" in d else None, d["video"].clone() if "video" in d else None)
-            for job, d in zip(jobs, dests)]
+    return [_with_clean_inputs(job, {k: v.clone() for k, v in d.items()}) for job, d in zip(jobs, dests)]  # out of shared memory
 
 
 def _input_sizes(model):
@@ -1396,43 +1395,41 @@ def _input_sizes(model):
 
 
 def _corrupted_inputs(job):
-    """The pre-processed (audio, video) of one split under one (video, audio) corruption pair; a modality
-    without corruption is None. The audio corruption draws first, then the video one, from one generator
-    seeded with corruption_seed."""
+    """The pre-processed inputs of one split under one (video, audio) corruption pair: {'audio', 'video'},
+    only the corrupted modalities. The audio corruption draws first, then the video one, from one
+    generator seeded with corruption_seed."""
     seed, split, (mel_bins, audio_length, image_size), vc, ac, severity, corruption_seed, frost_dir, noise_dir, cache_dir = job
     raw = embedded_raw(seed, cache_dir)[split]
     g = torch.Generator().manual_seed(corruption_seed)
-    audio = video = None
+    inputs = {}
     if ac:
         wav = raw["wav"].float() / 32767  # (N, T_samples)
         wav = corrupt_audio(wav, ac, severity, generator=g, noise_dir=noise_dir).clamp(-1, 1)
-        audio = wavs_to_fbank(wav, mel_bins, audio_length)
+        inputs["audio"] = wavs_to_fbank(wav, mel_bins, audio_length)
     if vc:
         frames = raw["frames"].float() / 255  # (N, 3, S, S)
-        video = frames_to_input(corrupt_video(frames, vc, severity, generator=g, frost_dir=frost_dir), image_size)
-    return audio, video
+        inputs["video"] = frames_to_input(corrupt_video(frames, vc, severity, generator=g, frost_dir=frost_dir), image_size)
+    return inputs
 
 
-def _corrupted_fields(job):
-    audio, video = _corrupted_inputs(job)
-    return {k: v for k, v in (("audio", audio), ("video", video)) if v is not None}
-
-
-def _with_clean_inputs(job, audio, video):
-    """AVTensors of a split with the clean pre-processed input where a modality is None; the clean inputs
-    are the same for every corruption of the other modality: computed once per process (_CLEAN)."""
+def _clean_input(job, modality):
+    """The clean pre-processed 'audio' or 'video' of the job's split, the same for every corruption of the
+    other modality: computed once per process (_CLEAN)."""
     seed, split, (mel_bins, audio_length, image_size), *_, cache_dir = job
-    raw = embedded_raw(seed, cache_dir)[split]
-    key = (seed, split, mel_bins, audio_length, image_size)
-    if audio is None:
-        if ("audio",) + key not in _CLEAN:
-            _CLEAN[("audio",) + key] = wavs_to_fbank(raw["wav"].float() / 32767, mel_bins, audio_length)
-        audio = _CLEAN[("audio",) + key]
-    if video is None:
-        if ("video",) + key not in _CLEAN:
-            _CLEAN[("video",) + key] = frames_to_input(raw["frames"].float() / 255, image_size)
-        video = _CLEAN[("video",) + key]
-    return AVTensors({"audio": audio, "video": video, "label": raw["label"]})
+    key = (modality, seed, split, mel_bins, audio_length, image_size)
+    if key not in _CLEAN:
+        raw = embedded_raw(seed, cache_dir)[split]
+        _CLEAN[key] = (wavs_to_fbank(raw["wav"].float() / 32767, mel_bins, audio_length) if modality == "audio"
+                       else frames_to_input(raw["frames"].float() / 255, image_size))
+    return _CLEAN[key]
+
+
+def _with_clean_inputs(job, inputs):
+    """AVTensors of the job's split: `inputs` ({'audio', 'video'}, the corrupted ones), the clean input for a
+    modality it lacks."""
+    seed, split, *_, cache_dir = job
+    fields = {m: inputs[m] if m in inputs else _clean_input(job, m) for m in ("audio", "video")}
+    return AVTensors({**fields, "label": embedded_raw(seed, cache_dir)[split]["label"]})
 
 
 _CLEAN = {}  # clean pre-processed inputs of the embedded benchmark, per (modality, seed, split, sizes)
