@@ -84,7 +84,7 @@ def run(tmp_path, *extra):
     return json.loads(out.read_text())
 
 
-def test_runner_end_to_end_and_paired_source(tmp_path):
+def test_runner_end_to_end_and_paired_source(tmp_path, source_model):  # the fixture: the source model exists first
     res = run(tmp_path, "--method", "read")
     acc = res["accuracy"]["gaussian_noise"]
     assert 0 <= acc["read"]["mean"] <= 100
