@@ -755,6 +755,16 @@ def seed_everything(seed):
     return torch.Generator().manual_seed(seed)
 
 
+class Refusal(ValueError):
+    """Bad input a user can fix; the message is one sentence saying what is wrong and what to do."""
+
+
+def need(condition, message):
+    """Refuse with `message` (one sentence of at most 200 characters) unless `condition` holds."""
+    if not condition:
+        raise Refusal(message)
+
+
 class CheckpointError(Exception):
     """A checkpoint that does not fit the model; the message says what is wrong and what to do."""
 

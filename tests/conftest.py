@@ -66,3 +66,17 @@ def spectrum_slope(grey):
     r = torch.arange(1, S // 2)
     x, y = r.double().log(), (total[1:S // 2] / count[1:S // 2]).double().log()
     return -(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()).item()
+
+
+def refused(fn, *args, match=None, **kwargs):
+    """Call fn and return the refusal it raises (common.Refusal), after checking the house rule for every
+    refusal: one sentence of at most 200 characters saying what is wrong and what to do."""
+    import common
+    with pytest.raises(common.Refusal) as info:
+        fn(*args, **kwargs)
+    text = str(info.value)
+    assert len(text) <= 200, f"refusal of {len(text)} characters: {text}"
+    assert "\n" not in text and text.rstrip().endswith((".", "?")), f"not one sentence: {text}"
+    if match is not None:
+        assert match in text, f"{match!r} not in {text!r}"
+    return text
