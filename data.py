@@ -1,69 +1,44 @@
-"""Data: the embedded audio-visual and image-text benchmarks, corruptions, real-data readers, missing modalities.
+"""Data: the embedded audio-visual and image-text benchmarks, corruptions, real-data readers, missing data.
 
-Every loader here yields the same batches, dicts with named fields:
+Audio-video batches: audio (B, T, F) normalised kaldi fbank, video (B, 3, H, W) one ImageNet-normalised RGB
+frame, label (B,), index (B,) (position in the split: pairs Source with a method). Image-text batches: image
+(B, 3, H, W) CLIP-normalised, text (B, C) ids, label, index. Missing-modality data adds has_<modality> (B,)
+bool (`with_missing`). The embedded benchmarks are generated from a seed and cached in `.cache/` under their
+version ids; the 15 video + 6 audio corruptions of Kinetics50-C / VGGSound-C act on raw frames / waveforms.
 
-    batch["audio"]      (B, T, F) float  normalised kaldi fbank, T = model.audio_length, F = model.mel_bins
-    batch["video"]      (B, 3, H, W) float  one RGB frame, ImageNet-normalised, H = W = model.image_size
-    batch["label"]      (B,) long   class index
-    batch["index"]      (B,) long   position of the clip in its split (pairs Source with a method)
-    batch["has_audio"]  (B,) bool   only in missing-modality data: False where the audio is missing
-    batch["has_video"]  (B,) bool   likewise for the video
-
-Image-text data (a CLIP-style dual encoder; MAP, CMPT, AOEPT) yields batches with the fields image, text,
-label, index and missing: see the comment of the section "Image-text: tokenizers".
-
-Audio and video go through ONE pre-processing path whatever their origin (`wav_to_fbank`,
-`frames_to_input`): 16 kHz mono -> minus mean -> kaldi fbank (htk_compat, hanning, 10 ms shift,
-no dither) -> pad/cut to T frames -> (x + 5.081) / 4.4849; frames -> resize (bicubic) -> centre crop
--> /255 -> ImageNet mean/std.
-
-The embedded image-text benchmark (`embedded_image_text_split`: food, imdb, memes, shaped like UPMC Food-101,
-MM-IMDb and Hateful Memes) is generated in about 15 s and cached under `it_embedded_id`; its section's comment
-and the README give its design and the properties tests/test_image_text_benchmark.py checks.
-
-The embedded benchmark (`embedded_split`) is generated from a seed in about 15 s (both cores) and cached in
-`.cache/` under its version id (`embedded_id`); each clip is one audio-visual event (see the section's
-comment and the README for its design and the properties tests/test_benchmark.py checks). Its corruptions are the 15 video + 6 audio corruptions
-of Kinetics50-C / VGGSound-C, applied to the raw frames / waveforms of the test split before
-pre-processing, exactly where READ applied them to the real clips.
-
-Sections, in file order:
-    The one pre-processing path            wav_to_fbank, wavs_to_fbank, frames_to_input
-    Both cores for the one-off preparation  parallel_fill, shared_empty, cpu_workers (THREAD_DEPENDENT)
-    A dataset of tensors and its batches   AVTensors, make_loader, to_device
-    Corruptions of Kinetics50-C / VGGSound-C   corrupt_video, corrupt_audio, read_image, read_wav, write_wav
-    The embedded benchmark                 EMBEDDED, synth_frames, synth_audio, generate_embedded, embedded_raw,
-                                           embedded_split, embedded_test_sets
-    The embedded image-text benchmark      food / imdb / memes (IT_TASKS, IT_EMBEDDED): draw_attributes,
-                                           render_pictures, generate_image_text, image_text_raw, it_embedded_id,
-                                           embedded_tokenizer, embedded_image_text_split
-    The READ file layout                   read_label_csv, read_json_list, ReadLayoutDataset, join_on_video_id,
-                                           read_layout_split
-    Missing modalities                     missing_masks, with_missing
-    Image-text: tokenizers                 CLIPTokenizer, WordTokenizer (CLIP's BPE; a word vocabulary), clean_text,
-                                           bytes_to_unicode, pad_token_ids
-    Image-text: real datasets              MM-IMDb, UPMC Food-101, Hateful Memes in their raw layouts:
-                                           image_text_split, IMAGE_TEXT_TASKS, IMAGE_TEXT_SPLITS, MMIMDB_GENRES,
-                                           ImageTextFiles, clip_preprocess (CLIP_MEAN, CLIP_STD)
-    Image-text: missing tables             MAP's per-sample codes 0 / 1 / 2: missing_table, missing_table_path,
-                                           load_or_make_missing_table, with_missing_table, missing_image
-    Making a corrupted set in READ's layout   make_corrupted_set, main (`python data.py corrupt --help`)
+Deviations (each marked `# DEVIATION:` at its line):
+- corruptions: spatial parameters are scaled from 224 px to the frame size (corrupt_video)
+- corruptions: float in, float out, no uint8 rounding between steps (corrupt_video)
+- defocus_blur: the disk kernel is anti-aliased by supersampling (disk_kernel)
+- glass_blur: bilinear resampling at random offsets instead of whole-pixel swaps (glass_blur)
+- snow: the snow layer is drawn at 224 px and area-resized to the frame (snow)
+- frost: procedural stand-ins for ImageNet-C's ice photographs (frost)
+- fog: the fractal map is the next power of two >= the frame size (fog)
+- elastic_transform: the field's amplitude follows the 224 px grid (elastic_transform)
+- elastic_transform: affine warp and displacement in one resampling (elastic_transform)
+- audio noises: procedural stand-ins for READ's recordings (corrupt_audio, corrupt_wav_files)
+- read_image: a 16-bit PNG keeps its high byte (PIL clips 16-bit grey to white in convert("RGB"))
+- clean_text: ftfy.fix_text's defaults written with the standard library; mojibake is not repaired
+- CLIP_SPLIT: the `regex` module's \\p{L} / \\p{N} built for `re` from Python's own Unicode tables
+- MM-IMDb: the first plot of a film, one sample per film (mmimdb_samples)
+- MM-IMDb: genres outside the 23 other than the four MM-IMDb dropped are refused (mmimdb_samples)
+- Hateful Memes: dev_seen / test_seen read by their published names (IMAGE_TEXT_SPLITS)
+- Food-101: without MAP's split.json, val is a seeded 10% of the train rows (food101_samples)
+- missing tables: drawn with a seeded torch.Generator, not Python's `random` (missing_masks)
 """
 import argparse
 import csv
+import difflib
 import functools
 import gzip
 import hashlib
 import html
 import json
 import math
-import mmap
-import multiprocessing
 import os
-import pathlib
 import re
-import signal
 import sys
+import unicodedata
 import wave
 import zlib
 
@@ -71,9 +46,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio
+import torchvision.io
+import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import common
+from common import Refusal, need
 
 
 SAMPLE_RATE = 16000
@@ -84,13 +62,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 
 
-class DataError(ValueError):
-    """A problem with the user's data; the message says what is wrong and what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The one pre-processing path
-# ----------------------------------------------------------------------------------------------
+# ---- The one pre-processing path (READ / CAV-MAE), and batches ---------------------------------------------
 def wav_to_fbank(wav, mel_bins=128, target_length=1024):
     """wav (T_samples,) 16 kHz -> normalised fbank (target_length, mel_bins), as READ / CAV-MAE."""
     wav = wav - wav.mean()
@@ -102,134 +74,28 @@ def wav_to_fbank(wav, mel_bins=128, target_length=1024):
     return (fbank - FBANK_MEAN) / FBANK_STD
 
 
-def wavs_to_fbank(wavs, mel_bins, target_length, workers=None):
-    """(N, T_samples) -> (N, target_length, mel_bins). kaldi.fbank takes one waveform at a time, so many
-    clips are shared among `workers` processes (parallel_fill; default one per core); the values do not
-    depend on how many."""
-    workers = cpu_workers() if workers is None else workers
-    if workers <= 1 or len(wavs) < PARALLEL_MIN_CLIPS:
-        return _fbank_rows(wavs, mel_bins, target_length, (0, len(wavs)))
-    out = shared_empty((len(wavs), target_length, mel_bins), torch.float32)
-    bounds = np.linspace(0, len(wavs), workers + 1).round().astype(int)
-    parts = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-    parallel_fill(functools.partial(_fbank_rows, wavs, mel_bins, target_length), parts, [out[a:b] for a, b in parts],
-                  workers)
-    return out.clone()  # out of shared memory
-
-
-def _fbank_rows(wavs, mel_bins, target_length, part):
-    """The fbanks of clips part = (a, b): wavs[a:b]."""
-    a, b = part
-    return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in wavs[a:b]])
+def wavs_to_fbank(wavs, mel_bins, target_length):
+    """(N, T_samples) -> (N, target_length, mel_bins)."""
+    rows = tqdm(wavs, desc="fbank", unit="clip", leave=False, dynamic_ncols=True, disable=len(wavs) < 500)
+    return torch.stack([wav_to_fbank(w, mel_bins, target_length) for w in rows])
 
 
 def frames_to_input(frames, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 or [0, 1] float frames (N, 3, h, w) -> (N, 3, size, size) float normalised with mean / std
-    (ImageNet's by default; CLIP_MEAN / CLIP_STD for CLIP)."""
+    """uint8 or [0, 1] float frames (N, 3, h, w) -> (N, 3, size, size) normalised with mean / std."""
     x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
     if x.shape[-2:] != (size, size):
-        TF = vision().transforms.functional
         x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         x = TF.center_crop(x, [size, size]).clamp(0, 1)
     mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device)[:, None, None] for v in (mean, std))
     return (x - mean) / std  # torchvision's normalize, the same two operations
 
 
-def vision():
-    """torchvision, imported on first use: the import takes one to two seconds (it loads torch._dynamo), and
-    only resizing, JPEG coding and image files need it."""
-    import torchvision.io
-    import torchvision.transforms.functional
-    return torchvision
-
-
-# ----------------------------------------------------------------------------------------------
-# Both cores for the one-off preparation: generating the benchmark, its fbanks, the corrupted test sets
-# ----------------------------------------------------------------------------------------------
-# A run's first minutes are spent making data, mostly in code that uses one core (kaldi fbank one clip
-# at a time, random draws, small resizes). parallel_fill spreads independent jobs over forked worker
-# processes of one thread each. A job's arithmetic is then that of one thread, which gives the same
-# bytes as in this process only if the result does not depend on the thread count: checked byte for
-# byte for every use here on the whole benchmark (its generation, kaldi fbank, every corruption of the
-# test split but zoom blur, whose bilinear resize rounds differently with 2 threads; zoom blur therefore
-# runs in this process, at its own thread count, as before). tests/test_data.py checks the machinery.
-PARALLEL_MIN_CLIPS = 512  # fewer clips are prepared in this process (forking costs more than it saves)
-THREAD_DEPENDENT = ("zoom_blur",)  # corruptions made in this process, see above
-_IN_WORKER = False  # set in a worker: no pools inside a pool
-_FILL = {}  # a worker's function and destinations, inherited through the fork
-
-
-def cpu_workers():
-    """Worker processes for parallel_fill: one per core this process may run on; 1 (work here) inside
-    a worker, and where processes are not forked (not Linux: starting one afresh costs more than it saves)."""
-    if _IN_WORKER or not sys.platform.startswith("linux"):
-        return 1
-    return len(os.sched_getaffinity(0))
-
-
-def shared_empty(shape, dtype):
-    """An uninitialised tensor in anonymous shared memory: forked workers write into it, this process
-    reads it, with no copy through a pipe and no use of /dev/shm (64 MB in many containers)."""
-    count = math.prod(shape)
-    size = max(1, count * torch.empty((), dtype=dtype).element_size())
-    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=count).view(shape)
-
-
-def parallel_fill(fn, jobs, dests, workers=None, in_process=(), progress=None):
-    """dests[i] <- fn(jobs[i]) for every job (dests[i] a tensor, or a dict of tensors, made with
-    shared_empty), in `workers` forked processes of one thread each (default cpu_workers()); the jobs
-    whose indices are in `in_process` run in this process, at its thread count, while the workers do
-    the rest. progress(i) is called as job i is done. -> dests. With one worker every job runs here."""
-    workers = cpu_workers() if workers is None else workers
-    here = sorted(set(in_process))
-    elsewhere = [i for i in range(len(jobs)) if i not in here]
-    if workers <= 1 or len(elsewhere) + bool(here) <= 1:  # nothing to run side by side: all here
-        here, elsewhere = list(range(len(jobs))), []
-
-    def run_here():
-        for i in here:
-            _copy_into(dests[i], fn(jobs[i]))
-            if progress:
-                progress(i)
-    if not elsewhere:
-        run_here()
-        return dests
-    context = multiprocessing.get_context("fork")
-    with context.Pool(min(workers, len(elsewhere)), initializer=_init_worker, initargs=(fn, jobs, dests)) as pool:
-        done = pool.imap_unordered(_fill_one, elsewhere)  # the workers start at once
-        run_here()
-        for i in done:
-            if progress:
-                progress(i)
-    return dests
-
-
-def _copy_into(dest, value):
-    if isinstance(dest, dict):
-        for k, d in dest.items():
-            d.copy_(value[k])
-    else:
-        dest.copy_(value)
-
-
-def _fill_one(i):
-    """In a worker: job i of the pool's parallel_fill, written into its destination. -> i."""
-    fn, jobs, dests = _FILL["task"]
-    _copy_into(dests[i], fn(jobs[i]))
-    return i
-
-
-# ----------------------------------------------------------------------------------------------
-# A dataset of tensors and its batches
-# ----------------------------------------------------------------------------------------------
 class AVTensors(torch.utils.data.Dataset):
-    """In-memory clips: {'audio': (N, T, F), 'video': (N, 3, H, W), 'label': (N,), ...} -> per-sample dicts."""
+    """In-memory samples {'audio': (N, T, F), 'video': (N, 3, H, W), 'label': (N,), ...} -> one dict each."""
 
     def __init__(self, fields):
         n = len(fields["label"])
-        if n == 0:
-            raise DataError("the dataset is empty; check the data path or the split you asked for.")
-        assert all(len(v) == n for v in fields.values()), "all fields must have one row per clip"
+        need(n > 0, "The dataset is empty; check the data path or the split you asked for.")
         self.fields = dict(fields)
         self.fields.setdefault("index", torch.arange(n))
 
@@ -237,7 +103,7 @@ class AVTensors(torch.utils.data.Dataset):
         return len(self.fields["label"])
 
     def __getitem__(self, i):
-        """Clip i, or with a list of positions the batch of those clips (what make_loader asks for)."""
+        """Sample i, or with a list of positions the batch of those samples (what make_loader asks for)."""
         return {k: v[i] for k, v in self.fields.items()}
 
     def with_fields(self, **extra):
@@ -246,16 +112,14 @@ class AVTensors(torch.utils.data.Dataset):
 
 
 def make_loader(dataset, batch_size, shuffle, seed=0, num_workers=0):
-    """A DataLoader whose shuffling depends only on `seed` (same seed, same stream).
-
-    In-memory clips (AVTensors) are fetched a batch at a time, one indexing of each field, not clip by
-    clip and stacked: the same batches in the same order (the same sampler, drawing from the same
-    generator), without a Python loop over the clips of every batch."""
+    """A DataLoader whose order depends only on `seed`; AVTensors are indexed a batch at a time."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(dataset, AVTensors):
-        order = torch.utils.data.RandomSampler(dataset, generator=g) if shuffle else torch.utils.data.SequentialSampler(dataset)
+        sampler = torch.utils.data.RandomSampler if shuffle else torch.utils.data.SequentialSampler
+        order = sampler(dataset, generator=g) if shuffle else sampler(dataset)
         batches = torch.utils.data.BatchSampler(order, batch_size, drop_last=False)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=batches, generator=g, num_workers=num_workers)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=batches, generator=g,
+                                           num_workers=num_workers)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
                                        num_workers=num_workers, drop_last=False)
 
@@ -264,61 +128,11 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Corruptions of Kinetics50-C / VGGSound-C (READ), batched in torch
-# ----------------------------------------------------------------------------------------------
-# Video: the 15 ImageNet-C corruptions (Hendrycks & Dietterich, ICLR 2019; hendrycks/robustness
-# `ImageNet-C/imagenet_c/imagenet_c/corruptions.py`, copied unchanged into READ's
-# `make_corruptions/make_c_video.py`), written again for batches of float frames (N, 3, H, W) in
-# [0, 1]. Audio: READ's `make_corruptions/make_c_audio.py` (Gaussian noise; five recorded noises
-# overlaid with a gain in dB). Randomness comes only from the `generator` argument.
-#
-# Dimension key: N frames or clips, C = 3 colour channels, H x W frame size, T audio samples.
-#
-# Written from the public facts, not copied: ImageMagick's MotionBlurImage (a one-sided line of
-# 2 ceil(r) + 1 taps with weights exp(-i^2 / 2 sigma^2), offsets rounded, edge pixels repeated; one
-# random angle per image as in ImageNet-C), Pillow's BOX resize, scipy's gaussian_filter and zoom,
-# the diamond-square plasma fractal, pydub's apply_gain / overlay.
-#
-# Deviations (each marked `# DEVIATION:` below):
-# - Spatial parameters (blur radii and sigmas, glass-blur max delta, motion-blur radius / sigma,
-#   snow motion blur, elastic alpha / sigma / affine) are defined at 224 x 224; `corrupt_video`
-#   scales them by H / 224 so a 64 x 64 frame gets a visually comparable corruption. Relative
-#   parameters (noise levels, zoom factors, pixelate factor, contrast, brightness, JPEG quality,
-#   blend weights, snow threshold) are not scaled. The fog map is the next power of two >= H
-#   (256 at 224, as ImageNet-C). A frost photograph is cropped at 224 px and resized to H.
-# - Two corruptions draw per-pixel noise whose look depends on the pixel grid, so at H != 224
-#   they are tied to the 224 grid: the snow layer (flakes are `zoom` pixels wide) is drawn,
-#   zoomed and thresholded at 224 x 224 and area-resized to H; the elastic displacement field
-#   is rescaled to the amplitude it has on the 224 grid (without this, 64 x 64 frames would be
-#   displaced by as many pixels as 224 x 224 ones, i.e. 3.5 times more).
-# - Everything stays float: no uint8 rounding between steps (ImageNet-C works on uint8 PIL images
-#   and READ saved every frame as JPEG quality 85; we do neither).
-# - defocus_blur: the disk kernel is anti-aliased by 8 x 8 supersampling (pixel coverage), so a
-#   sub-pixel radius (3 * 64 / 224 = 0.86 px) still blurs; ImageNet-C tests pixel centres only.
-# - glass_blur: ImageNet-C's sequential loop of whole-pixel swaps at integer offsets randint(-d, d)
-#   becomes `iterations` vectorised bilinear resamplings at random offsets U(-d, d) per axis
-#   (grid_sample), which also works for the fractional deltas of a scaled-down frame (sev. 1 at
-#   64 x 64: d = 0.29 px).
-# - snow: the snow layer is not quantised to 8 bits nor PNG round-tripped before its motion blur,
-#   and (at H != 224) is motion-blurred after the resize to H, with the scaled radius / sigma.
-# - frost: the ImageNet-C ice photographs are not shipped; `frost_stand_in` synthesises five
-#   procedural ice textures whose colour statistics match the photographs frost1-5 (measured:
-#   channel means R .57 G .66 B .70, grey std about .11) and crops one at random per frame, as
-#   ImageNet-C crops one of its photographs. With `frost_dir` the real photographs are used
-#   (ImageNet-C picks one of frost1..frost5; we pick any jpg/png in the directory). A call draws the
-#   five textures from its generator unless it is given `frost_bank`; `python data.py corrupt`
-#   draws them once per set and frame size (`set_frost_bank`), as every ImageNet-C image is
-#   cropped from the same five photographs.
-# - elastic_transform: the random affine warp (OpenCV warpAffine) and the elastic displacement
-#   (scipy map_coordinates) are merged into ONE bilinear grid_sample with reflect-101 borders.
-# - audio traffic / crowd / rain / thunder / wind: READ's recordings are not shipped;
-#   `noise_stand_in` synthesises each kind procedurally, normalised to RMS NOISE_RMS = 0.1
-#   (-20 dBFS, a typical level for a recording). With `noise_dir` the real `<kind>.wav` is used.
-#   A call draws the stand-in from its generator (one per call) unless it is given `noise`;
-#   `python data.py corrupt` draws one 10 s stand-in per set, kind and sample rate
-#   (`set_noise_recording`) and overlays it on every clip, as READ overlays its one recording.
-
+# ---- Corruptions of Kinetics50-C / VGGSound-C (READ), batched in torch -------------------------------------
+# Video: the 15 ImageNet-C corruptions (hendrycks/robustness `imagenet_c/corruptions.py`, copied into READ's
+# `make_corruptions/make_c_video.py`) for float frames (N, 3, H, W) in [0, 1]; audio: READ's
+# `make_c_audio.py`. Written from the public facts (ImageMagick's MotionBlurImage, Pillow's BOX resize,
+# scipy's gaussian_filter and zoom, pydub's apply_gain / overlay); randomness only from `generator`.
 VIDEO_CORRUPTIONS = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur',
                      'motion_blur', 'zoom_blur', 'snow', 'frost', 'fog', 'brightness', 'contrast',
                      'elastic_transform', 'pixelate', 'jpeg_compression')
@@ -331,7 +145,7 @@ VIDEO_SEVERITY = {
     'shot_noise': [60, 25, 12, 5, 3],                                  # photons per unit intensity
     'impulse_noise': [.03, .06, .09, .17, .27],                        # salt-and-pepper amount
     'defocus_blur': [(3, .1), (4, .5), (6, .5), (8, .5), (10, .5)],    # (disk radius, alias sigma)
-    'glass_blur': [(.7, 1, 2), (.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],  # (sigma, max delta, iterations)
+    'glass_blur': [(.7, 1, 2), (.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],  # (sigma, delta, iterations)
     'motion_blur': [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)],    # (radius, sigma)
     # zoom factors; float rounding makes arange(1, 1.11, .01) end at 1.11 (12 factors), as in ImageNet-C
     'zoom_blur': [[float(z) for z in np.arange(1, 1.11, .01)],
@@ -346,17 +160,14 @@ VIDEO_SEVERITY = {
     'fog': [(1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)],       # (strength, wibble decay)
     'brightness': [.1, .2, .3, .4, .5],                                # added to HSV value
     'contrast': [.4, .3, .2, .1, .05],                                 # factor around the mean
-    # (alpha, sigma, affine); ImageNet-C's comment: "244 should have been 224, but ultimately
-    # nothing is incorrect"; kept as published
+    # (alpha, sigma, affine); ImageNet-C: "244 should have been 224, but ultimately nothing is incorrect"
     'elastic_transform': [(244 * 2, 244 * .7, 244 * .1), (244 * 2, 244 * .08, 244 * .2),
                           (244 * .05, 244 * .01, 244 * .02), (244 * .07, 244 * .01, 244 * .02),
                           (244 * .12, 244 * .01, 244 * .02)],
     'pixelate': [.6, .5, .4, .3, .25],                                 # downscale factor (box)
     'jpeg_compression': [25, 18, 15, 10, 7],                           # JPEG quality
 }
-
-# READ make_c_audio.py: sigma of added white noise (absolute, waveform in [-1, 1]); gain in dB of
-# the overlaid noise recording.
+# READ make_c_audio.py: sigma of added white noise (waveform in [-1, 1]); gain in dB of the overlaid recording
 AUDIO_SEVERITY = {
     'gaussian_noise': [.08, .12, .18, .26, .38],
     'traffic': [1, 2, 4, 6, 8],
@@ -371,18 +182,13 @@ FROST_CROP = 224  # ImageNet-C crops a 224 x 224 patch out of a frost photograph
 
 
 def _generator(generator):
-    """The given torch.Generator (or list of per-frame generators), or a new CPU one seeded 0."""
     return generator if generator is not None else torch.Generator().manual_seed(0)
 
 
 def _draw(fn, shape, g, **kw):
-    """fn(shape, generator=g, **kw) on CPU (fn: torch.rand, torch.randn, partial(torch.randint, high)).
-    g may be a list of N generators, one per frame (shape[0] = N): frame i's slice (1, *shape[1:]) is
-    then drawn from g[i] alone, so each frame gets exactly what it gets when corrupted on its own."""
+    """fn(shape, generator=g) on CPU; with g a list of N generators, frame i is drawn from g[i] alone."""
     if isinstance(g, torch.Generator):
         return fn(shape, generator=g, **kw)
-    if len(g) != shape[0]:
-        raise ValueError(f"{len(g)} generators for {shape[0]} frames; pass one generator per frame.")
     first = fn((1, *shape[1:]), generator=g[0], **kw)                      # (1, ...)
     if len(g) == 1:
         return first
@@ -393,28 +199,15 @@ def _draw(fn, shape, g, **kw):
     return out
 
 
-def _rand(shape, g, like):
-    """U(0, 1) drawn on CPU from g (per frame if a list, `_draw`), moved to like's device / dtype."""
-    return _draw(torch.rand, shape, g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
-
-
-def _randn(shape, g, like):
-    """N(0, 1) drawn on CPU from g (per frame if a list, `_draw`), moved to like's device / dtype."""
-    return _draw(torch.randn, shape, g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
-
-
 def _check_name(name, severity, valid, kind):
-    """Raise ValueError naming the bad corruption name or severity and listing the valid ones."""
-    if name not in valid:
-        raise ValueError(f"Unknown {kind} corruption {name!r}; valid names are: {', '.join(valid)}.")
-    if isinstance(severity, bool) or severity not in SEVERITIES:
-        raise ValueError(f"Severity {severity!r} is out of range; valid severities are 1, 2, 3, 4, 5.")
+    close = ", ".join(difflib.get_close_matches(str(name), valid, n=3, cutoff=0.5)) or "none"
+    need(name in valid, f"Unknown {kind} corruption {name!r} (closest: {close}); see the names in --help.")
+    need(not isinstance(severity, bool) and severity in SEVERITIES,
+         f"Severity {severity!r} is out of range; valid severities are 1, 2, 3, 4, 5.")
 
 
-# --- helpers: border folding, Gaussian filter as a matrix, box resize, clipped zoom, line blur ---
 def _fold_index(i, n, mode):
-    """Fold integer positions into 0..n-1: 'nearest' repeats the edge (a a | a b c), 'reflect' is
-    scipy's (b a | a b c), 'mirror' is OpenCV's REFLECT_101 (c b | a b c)."""
+    """Fold positions into 0..n-1: 'nearest' (a a | a b), scipy 'reflect' (b a | a b), OpenCV 'mirror'."""
     if mode == 'nearest':
         return i.clamp(0, n - 1)
     if mode == 'reflect':
@@ -429,8 +222,7 @@ def _fold_index(i, n, mode):
 
 
 def _gaussian_matrix(n, sigma, truncate, mode):
-    """(n, n) float64 matrix M with M @ v = 1-D Gaussian filter of v (scipy gaussian_filter1d:
-    radius int(truncate * sigma + .5), weights exp(-k^2 / 2 sigma^2) normalised), border `mode`."""
+    """(n, n) float64 M with M @ v = scipy gaussian_filter1d(v, sigma, truncate, mode)."""
     radius = int(truncate * sigma + 0.5)
     k = torch.arange(-radius, radius + 1)                                    # (K,)
     w = torch.exp(-0.5 * (k.double() / sigma) ** 2)
@@ -443,8 +235,7 @@ def _gaussian_matrix(n, sigma, truncate, mode):
 
 
 def gaussian_blur(x, sigma, truncate=4.0, mode='nearest'):
-    """Separable Gaussian filter over the last two dims (skimage.filters.gaussian defaults:
-    truncate 4, border 'nearest'). x: (..., H, W) -> (..., H, W)."""
+    """Separable Gaussian filter over the last two dims (skimage.filters.gaussian defaults)."""
     if sigma <= 0:
         return x
     mh = _gaussian_matrix(x.shape[-2], sigma, truncate, mode).to(x)        # (H, H)
@@ -453,8 +244,7 @@ def gaussian_blur(x, sigma, truncate=4.0, mode='nearest'):
 
 
 def _box_resize_matrix(n_in, n_out):
-    """(n_out, n_in) float64 weights of Pillow's BOX resample: output pixel i averages the input
-    pixels j with -.5 < (j + .5 - (i + .5) * scale) / max(scale, 1) <= .5, scale = n_in / n_out."""
+    """(n_out, n_in) float64 weights of Pillow's BOX resample from n_in to n_out pixels."""
     scale = n_in / n_out
     center = (torch.arange(n_out, dtype=torch.float64)[:, None] + 0.5) * scale     # (n_out, 1)
     t = (torch.arange(n_in, dtype=torch.float64)[None] + 0.5 - center) / max(scale, 1.0)
@@ -463,8 +253,7 @@ def _box_resize_matrix(n_in, n_out):
 
 
 def _zoom_and_trim(crop, zoom, h, w):
-    """Resize crop (N, C, ch, cw) by `zoom` (bilinear, corners aligned as scipy.ndimage.zoom
-    order 1, output round(ch * zoom)) and trim its centre to h x w."""
+    """Zoom crop (N, C, ch, cw) bilinearly as scipy.ndimage.zoom order 1, trim its centre to h x w."""
     ch, cw = crop.shape[-2:]
     zh, zw = round(ch * zoom), round(cw * zoom)
     zoomed = F.interpolate(crop, size=(zh, zw), mode='bilinear', align_corners=True)
@@ -473,8 +262,7 @@ def _zoom_and_trim(crop, zoom, h, w):
 
 
 def clipped_zoom(x, zoom):
-    """ImageNet-C clipped_zoom: crop the centre ceil(H / zoom) x ceil(W / zoom), zoom it, trim the
-    centre back to H x W. x: (N, C, H, W)."""
+    """ImageNet-C clipped_zoom: zoom the centre ceil(H / zoom) x ceil(W / zoom), trim back to H x W."""
     h, w = x.shape[-2:]
     ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
     top, left = (h - ch) // 2, (w - cw) // 2
@@ -482,16 +270,13 @@ def clipped_zoom(x, zoom):
 
 
 def _line_blur(x, radius, sigma, angles):
-    """ImageMagick MotionBlurImage: out(p) = sum_i k_i x(p + round(i (cos a, sin a))),
-    i = 0 .. 2 ceil(radius), k_i ~ exp(-i^2 / 2 sigma^2) normalised, edge pixels repeated.
-    x: (N, C, H, W); angles: (N,) degrees, one per image."""
+    """ImageMagick MotionBlurImage: sum_i k_i x(p + round(i (cos a, sin a))), angles (N,) in degrees."""
     n, c, h, w = x.shape
     width = 2 * math.ceil(radius) + 1
     i = torch.arange(width, dtype=torch.float64)                            # (width,)
     k = torch.exp(-i ** 2 / (2 * max(sigma, 1e-6) ** 2))
     k = (k / k.sum()).tolist()
     a = torch.deg2rad(angles.detach().double().cpu())[:, None]              # (N, 1)
-    # ImageMagick rounds with ceil(v - .5)
     dx = torch.ceil(i[None] * torch.cos(a) - 0.5).long().tolist()         # (N, width) column offsets
     dy = torch.ceil(i[None] * torch.sin(a) - 0.5).long().tolist()         # (N, width) row offsets
     r = width - 1  # no offset is longer: a replicate border of r is "edge pixels repeated"
@@ -505,21 +290,16 @@ def _line_blur(x, radius, sigma, angles):
 
 
 def _pow2_at_least(n):
-    """Smallest power of two >= n."""
     return 1 << max(0, math.ceil(math.log2(n)))
 
 
 def plasma_fractal(n, mapsize=256, wibble_decay=3.0, generator=None):
-    """n diamond-square height maps (ImageNet-C plasma_fractal, batched): (n, mapsize, mapsize)
-    float64, each min-max normalised to [0, 1]. mapsize must be a power of two."""
-    if mapsize & (mapsize - 1):
-        raise ValueError(f"mapsize {mapsize} is not a power of two; use e.g. 64, 128 or 256.")
+    """n diamond-square maps (ImageNet-C plasma_fractal) (n, mapsize, mapsize) float64 in [0, 1]."""
     g = _generator(generator)
     m = torch.zeros(n, mapsize, mapsize, dtype=torch.float64)               # (n, S, S)
     step, wibble = mapsize, 100.0
 
     def wibbled_mean(total):
-        # mean of the 4 neighbours + wibble * U(-wibble, wibble), as ImageNet-C
         return total / 4 + wibble * (_draw(torch.rand, total.shape, g, dtype=torch.float64) * 2 - 1) * wibble
 
     while step >= 2:
@@ -542,11 +322,10 @@ def plasma_fractal(n, mapsize=256, wibble_decay=3.0, generator=None):
     return m / m.amax((1, 2), keepdim=True)
 
 
-# --- the 15 video corruptions, each with its raw parameter (pixels of the given frame) ---
 def gaussian_noise_video(x, sigma, generator=None):
     """clip(x + N(0, sigma^2)). x: (N, C, H, W) in [0, 1]."""
     g = _generator(generator)
-    return (x + sigma * _randn(x.shape, g, x)).clamp(0, 1)
+    return (x + sigma * _draw(torch.randn, x.shape, g, dtype=torch.float64).to(x)).clamp(0, 1)
 
 
 def shot_noise(x, photons, generator=None):
@@ -563,20 +342,19 @@ def shot_noise(x, photons, generator=None):
 
 
 def impulse_noise(x, amount, generator=None):
-    """Salt and pepper on each element: with probability amount / 2 -> 0, amount / 2 -> 1."""
+    """Salt and pepper: each element -> 0 with probability amount / 2, -> 1 with amount / 2."""
     g = _generator(generator)
-    u = _rand(x.shape, g, x)
+    u = _draw(torch.rand, x.shape, g, dtype=torch.float64).to(x)
     return torch.where(u < amount / 2, torch.zeros_like(x), torch.where(u < amount, torch.ones_like(x), x))
 
 
 def disk_kernel(radius, alias_blur):
-    """ImageNet-C disk: normalised disk of `radius` px, then a Gaussian of sigma `alias_blur` over
-    3 x 3 (5 x 5 if radius > 8) taps. Returns (K, K) float64."""
+    """ImageNet-C's disk of `radius` px, smoothed by a Gaussian (sigma alias_blur, 3 or 5 taps). (K, K)."""
     ksize = 3 if radius <= 8 else 5
     half = math.ceil(radius) + ksize // 2
     ss = 8
-    # DEVIATION: ImageNet-C keeps pixels whose centre is inside the disk; we use the covered
-    # fraction of each pixel (8 x 8 supersampling), so sub-pixel radii at 64 x 64 still blur.
+    # DEVIATION: the covered fraction of each pixel (8 x 8 supersampling), not ImageNet-C's pixel centres
+    # inside the disk, so sub-pixel radii at 64 x 64 still blur
     sub = (torch.arange(ss, dtype=torch.float64) + 0.5) / ss - 0.5
     fine = (torch.arange(-half, half + 1, dtype=torch.float64)[:, None] + sub[None]).flatten()  # (K*ss,)
     inside = (fine[:, None] ** 2 + fine[None] ** 2 <= radius ** 2).double()                   # (K*ss, K*ss)
@@ -593,8 +371,7 @@ def disk_kernel(radius, alias_blur):
 
 
 def _filter2d(x, kernel, mode='mirror'):
-    """Depthwise 2-D correlation of every channel with one (K, K) kernel, border `mode`
-    (OpenCV filter2D default = REFLECT_101 = 'mirror'). x: (N, C, H, W)."""
+    """Depthwise 2-D correlation with one (K, K) kernel, border `mode` (OpenCV filter2D's default)."""
     n, c, h, w = x.shape
     half = kernel.shape[-1] // 2
     ih = _fold_index(torch.arange(-half, h + half), h, mode).to(x.device)
@@ -605,23 +382,22 @@ def _filter2d(x, kernel, mode='mirror'):
 
 
 def defocus_blur(x, radius, alias_blur):
-    """Depthwise convolution with the anti-aliased disk kernel."""
     return _filter2d(x, disk_kernel(radius, alias_blur)).clamp(0, 1)
 
 
 def glass_blur(x, sigma, max_delta, iterations, generator=None):
-    """Gaussian blur, `iterations` rounds of random local pixel displacement within max_delta, Gaussian blur."""
+    """Gaussian blur, `iterations` rounds of random local displacement within max_delta, blur again."""
     g = _generator(generator)
     n, c, h, w = x.shape
     x = gaussian_blur(x, sigma)
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing='ij')
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing='ij')
     for _ in range(iterations):
-        # DEVIATION: ImageNet-C swaps whole pixels at integer offsets randint(-d, d) in a sequential
-        # loop; we resample every pixel (bilinear) at a random offset U(-d, d) per axis in one
-        # grid_sample, which also works for the fractional deltas of a scaled-down frame.
+        # DEVIATION: every pixel resampled at a random offset U(-d, d) in one grid_sample (fractional deltas
+        # of a scaled-down frame work), not ImageNet-C's sequential swaps at integer offsets
         dy = (_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1) * max_delta   # (N, H, W)
         dx = (_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1) * max_delta
-        grid = torch.stack([2 * (xx + dx) / max(w - 1, 1) - 1, 2 * (yy + dy) / max(h - 1, 1) - 1], -1)  # (N, H, W, 2)
+        grid = torch.stack([2 * (xx + dx) / max(w - 1, 1) - 1, 2 * (yy + dy) / max(h - 1, 1) - 1], -1)
         x = F.grid_sample(x, grid.to(x), mode='bilinear', padding_mode='border', align_corners=True)
     return gaussian_blur(x, sigma).clamp(0, 1)
 
@@ -642,18 +418,14 @@ def zoom_blur(x, zooms):
 
 
 def snow(x, mean, std, zoom, threshold, radius, sigma, image_weight, generator=None, layer_size=None):
-    """ImageNet-C snow: a zoomed, thresholded N(mean, std) layer, motion-blurred at U(-135, -45)
-    degrees, added twice (as is and turned 180 degrees) to the image blended towards bright grey.
-    layer_size: draw the layer at layer_size x layer_size and area-resize it to H x W (None: at H x W)."""
+    """ImageNet-C snow: a zoomed, thresholded, motion-blurred N(mean, std) layer added twice to the image."""
     g = _generator(generator)
     n, c, h, w = x.shape
     lh, lw = (h, w) if layer_size is None else (layer_size, round(w * layer_size / h))
-    # DEVIATION (with layer_size): a flake is `zoom` pixels wide, so the flake size is tied to the
-    # pixel grid; we draw, zoom and threshold the layer at 224 x 224 where the table is defined and
-    # area-resize it to H x W before the (scaled) motion blur; ImageNet-C blurs at 224 x 224.
-    # clipped_zoom keeps only the centre ceil(lh / zoom) of the noise: draw just that part
+    # DEVIATION (layer_size): a flake is `zoom` px wide, so the layer is drawn at 224 px, where the table is
+    # defined, and area-resized to H x W before the (scaled) motion blur
     ch, cw = math.ceil(lh / zoom), math.ceil(lw / zoom)
-    layer = mean + std * _randn((n, 1, ch, cw), g, x)                       # (N, 1, ch, cw)
+    layer = mean + std * _draw(torch.randn, (n, 1, ch, cw), g, dtype=torch.float64).to(x)  # (N, 1, ch, cw)
     layer = _zoom_and_trim(layer, zoom, lh, lw)                              # (N, 1, lh, lw)
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).clamp(0, 1)
     if (lh, lw) != (h, w):
@@ -666,10 +438,7 @@ def snow(x, mean, std, zoom, threshold, radius, sigma, image_weight, generator=N
 
 
 def _ice_texture(n, size, scale, generator):
-    """n procedural ice textures (n, 3, size, size) float64: an uneven sheet (plasma fractal),
-    feathery crystals (needles of 0.03 / 0.07 * scale px in 6 directions, seeded where the sheet
-    is thick) and fine grain, scaled to the colour statistics of ImageNet-C's frost1-5 photographs
-    (channel means R .57, G .66, B .70; grey std .11, measured)."""
+    """n procedural ice textures (n, 3, size, size) with the colour statistics of ImageNet-C's frost."""
     g = generator
     sheet = plasma_fractal(n, _pow2_at_least(size), 1.8, g)[:, None, :size, :size]          # (n, 1, S, S)
     crystals = torch.zeros(n, 1, size, size, dtype=torch.float64)
@@ -693,14 +462,12 @@ def _ice_texture(n, size, scale, generator):
 
 
 def frost_bank(size, generator=None):
-    """The stand-in's five ice "photographs" for frames of `size` px: (5, 3, 2 size, 2 size) float64."""
+    """The stand-in's five ice "photographs" for frames of `size` px: (5, 3, 2 size, 2 size)."""
     return _ice_texture(5, 2 * size, size, _generator(generator))
 
 
 def frost_stand_in(n, size, generator=None, bank=None):
-    """Stand-in for ImageNet-C's frost photographs, built the same way: five procedural ice
-    textures of 2 size x 2 size px (`frost_bank`, drawn from the generator unless `bank` is given),
-    one random texture and crop per frame. Returns (n, 3, size, size) float64 in [0, 1]."""
+    """One random texture of the bank and one random crop per frame: (n, 3, size, size) in [0, 1]."""
     g = _generator(generator)
     if bank is None:
         bank = frost_bank(size, g)                                         # (5, 3, 2S, 2S)
@@ -713,14 +480,12 @@ def frost_stand_in(n, size, generator=None, bank=None):
 
 
 def frost_from_dir(frost_dir, n, size, generator=None):
-    """n random FROST_CROP x FROST_CROP crops of the jpg/png photographs in frost_dir, resized to
-    size x size. (n, 3, size, size) float64 in [0, 1]."""
+    """n random 224-px crops of the photographs in frost_dir, resized to size: (n, 3, size, size)."""
     g = _generator(generator)
-    folder = pathlib.Path(frost_dir)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png')) if folder.is_dir() else []
-    if not paths:
-        raise FileNotFoundError(f"No .jpg or .png frost photographs in {frost_dir}; "
-                                "put ImageNet-C's frost1.png .. frost6.jpg there or leave frost_dir unset.")
+    names = [p for p in visible_names(frost_dir) if p.lower().endswith(IMAGE_SUFFIXES)]
+    paths = [os.path.join(frost_dir, p) for p in names]
+    need(paths, f"No .jpg or .png frost photographs in {frost_dir}; put ImageNet-C's frost pictures there or "
+         f"leave frost_dir unset.")
     photos = [read_image(p) for p in paths]
     crop = min([FROST_CROP] + [min(p.shape[-2:]) for p in photos])
     patches = []
@@ -732,13 +497,13 @@ def frost_from_dir(frost_dir, n, size, generator=None):
         patches.append(photo[:, top:top + crop, left:left + crop])
     patches = torch.stack(patches).double() / 255                           # (n, 3, crop, crop)
     if crop != size:
-        patches = F.interpolate(patches, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+        patches = F.interpolate(patches, size=(size, size), mode='bilinear', antialias=True,
+                                align_corners=False)
     return patches.clamp(0, 1)
 
 
 def frost(x, image_weight, frost_weight, generator=None, frost_dir=None, bank=None):
-    """clip(image_weight * x + frost_weight * ice), ice from frost_dir or frost_stand_in (cropped
-    from `bank` if given, see frost_bank)."""
+    """clip(image_weight * x + frost_weight * ice)."""
     n, _, h, w = x.shape
     if frost_dir is not None:
         ice = frost_from_dir(frost_dir, n, max(h, w), generator)
@@ -759,8 +524,7 @@ def fog(x, strength, wibble_decay, generator=None):
 
 
 def brightness(x, delta):
-    """Add delta to the HSV value V = max(r, g, b), hue and saturation fixed: rgb * min(V + delta, 1) / V;
-    a black pixel (V = 0) becomes grey min(delta, 1)."""
+    """Add delta to the HSV value V = max(r, g, b), hue and saturation kept; black becomes grey delta."""
     v = x.amax(1, keepdim=True)                                             # (N, 1, H, W)
     v_new = (v + delta).clamp(0, 1)
     return torch.where(v > 0, x * (v_new / v.clamp_min(1e-12)), v_new.expand_as(x)).clamp(0, 1)
@@ -773,45 +537,44 @@ def contrast(x, factor):
 
 
 def _smoothing_gain(n, sigma, truncate, mode):
-    """Mean over positions of sum_j M_ij^2 for the (n, n) Gaussian filter matrix M: the variance
-    a 1-D Gaussian filter keeps of unit-variance white noise."""
+    """The variance a 1-D Gaussian filter keeps of unit-variance white noise (mean of sum_j M_ij^2)."""
     return _gaussian_matrix(n, sigma, truncate, mode).pow(2).sum(1).mean().item()
 
 
 def elastic_transform(x, alpha, sigma, affine, generator=None, field_size=None):
-    """Random affine warp (three points moved by U(-affine, affine)) followed by an elastic
-    displacement alpha * Gaussian_sigma(U(-1, 1)), sampled bilinearly in one grid_sample.
-    field_size: give the displacement field the amplitude it has when drawn on a
-    field_size x field_size grid (None: this frame's grid)."""
+    """Random affine warp and elastic displacement alpha * Gaussian_sigma(U(-1, 1)) in one resampling."""
     g = _generator(generator)
     n, c, h, w = x.shape
-    # affine: points (x, y) around the centre, moved at random; A maps pts1 -> pts2 (OpenCV getAffineTransform)
+    # affine A maps pts1 -> pts2 (getAffineTransform); warpAffine: dst(p) = src(A^-1 p)
     cy, cx, sq = float(h // 2), float(w // 2), min(h, w) // 3
-    pts1 = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)  # (3, 2)
-    pts2 = pts1 + (_draw(torch.rand, (n, 3, 2), g, dtype=torch.float64) * 2 - 1) * affine               # (N, 3, 2)
-    p1 = torch.cat([pts1, torch.ones(3, 1, dtype=torch.float64)], 1)                                    # (3, 3)
-    a = torch.linalg.solve(p1, pts2).transpose(1, 2)                                                   # (N, 2, 3)
-    a = torch.cat([a, torch.tensor([0., 0., 1.], dtype=torch.float64).expand(n, 1, 3)], 1)             # (N, 3, 3)
-    a_inv = torch.linalg.inv(a)                                                                        # warpAffine: dst(p) = src(A^-1 p)
+    pts1 = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)
+    pts2 = pts1 + (_draw(torch.rand, (n, 3, 2), g, dtype=torch.float64) * 2 - 1) * affine
+    p1 = torch.cat([pts1, torch.ones(3, 1, dtype=torch.float64)], 1)
+    a = torch.linalg.solve(p1, pts2).transpose(1, 2)
+    a = torch.cat([a, torch.tensor([0., 0., 1.], dtype=torch.float64).expand(n, 1, 3)], 1)
+    a_inv = torch.linalg.inv(a)
     # elastic: smooth random displacement field, scipy gaussian_filter(mode='reflect', truncate=3)
-    dx = gaussian_blur(_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
-    dy = gaussian_blur(_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1, sigma, 3.0, 'reflect') * alpha
+    dx = gaussian_blur(_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1, sigma, 3.0,
+                       'reflect') * alpha
+    dy = gaussian_blur(_draw(torch.rand, (n, h, w), g, dtype=torch.float64) * 2 - 1, sigma, 3.0,
+                       'reflect') * alpha
     if field_size is not None and sigma > 0:
-        # DEVIATION: smoothed per-pixel noise has an amplitude that depends on the pixel grid
-        # (about 1 / sigma_px), so scaling alpha and sigma alone would leave the displacement the same
-        # number of pixels at 64 as at 224. We rescale the field to the standard deviation it has on
-        # the 224 x 224 grid where the table is defined (sigma in that grid's pixels).
+        # DEVIATION: smoothed noise's amplitude depends on the pixel grid (~1 / sigma_px); rescale the field
+        # to the std it has on the 224 px grid where the table is defined
         k = field_size / h
         fw = round(w * k)
-        gain = (_smoothing_gain(field_size, sigma * k, 3.0, 'reflect') * _smoothing_gain(fw, sigma * k, 3.0, 'reflect')
-                / (_smoothing_gain(h, sigma, 3.0, 'reflect') * _smoothing_gain(w, sigma, 3.0, 'reflect'))) ** 0.5
+        gain = (_smoothing_gain(field_size, sigma * k, 3.0, 'reflect')
+                * _smoothing_gain(fw, sigma * k, 3.0, 'reflect')
+                / (_smoothing_gain(h, sigma, 3.0, 'reflect')
+                   * _smoothing_gain(w, sigma, 3.0, 'reflect'))) ** 0.5
         dx, dy = dx * gain, dy * gain
     # DEVIATION: out(p) = src(A^-1 (p + d(p))) in one bilinear resampling (ImageNet-C resamples twice).
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing='ij')
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing='ij')
     px, py = xx + dx, yy + dy                                                # (N, H, W)
     sx = a_inv[:, 0, 0, None, None] * px + a_inv[:, 0, 1, None, None] * py + a_inv[:, 0, 2, None, None]
     sy = a_inv[:, 1, 0, None, None] * px + a_inv[:, 1, 1, None, None] * py + a_inv[:, 1, 2, None, None]
-    grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1)                    # (N, H, W, 2)
+    grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1)
     out = F.grid_sample(x, grid.to(x), mode='bilinear', padding_mode='reflection', align_corners=True)
     return out.clamp(0, 1)
 
@@ -829,80 +592,65 @@ def pixelate(x, factor):
 def jpeg_compression(x, quality):
     """Encode / decode every frame as JPEG at `quality` (torchvision libjpeg, uint8)."""
     u8 = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu()    # (N, C, H, W)
-    encoded = vision().io.encode_jpeg(list(u8), quality=int(quality))
-    decoded = vision().io.decode_jpeg(encoded)                           # codec works per image
+    encoded = torchvision.io.encode_jpeg(list(u8), quality=int(quality))
+    decoded = torchvision.io.decode_jpeg(encoded)                           # codec works per image
     return (torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255).clamp(0, 1)
 
 
 def corrupt_video(frames, name, severity, generator=None, frost_dir=None, frost_bank=None):
-    """Apply video corruption `name` at `severity` (1..5) to frames (N, 3, H, W) in [0, 1].
-
-    generator: one torch.Generator for the batch, or a list of N, one per frame: frame i then gets
-    exactly what corrupt_video(frames[i:i + 1], ..., generator[i]) gives it (`_draw`), whatever else
-    is in the batch. frost_bank: frost's five ice textures (frost_bank(max(H, W))) instead of
-    drawing them from the generator."""
+    """Video corruption `name` at `severity` on frames (N, 3, H, W) in [0, 1] (generator: one or N)."""
     _check_name(name, severity, VIDEO_CORRUPTIONS, 'video')
-    if frames.dim() != 4 or frames.shape[1] != 3:
-        raise ValueError(f"frames must be a tensor (N, 3, H, W) in [0, 1], got shape {tuple(frames.shape)}.")
     g = _generator(generator)
     p = VIDEO_SEVERITY[name][int(severity) - 1]
     # DEVIATION: spatial parameters are defined at 224 x 224; scale them to this frame size.
     # DEVIATION: float in, float out: no uint8 rounding between steps and no JPEG-85 save.
     s = frames.shape[-2] / REFERENCE_SIZE
-    if name == 'gaussian_noise':
-        return gaussian_noise_video(frames, p, g)
-    if name == 'shot_noise':
-        return shot_noise(frames, p, g)
-    if name == 'impulse_noise':
-        return impulse_noise(frames, p, g)
-    if name == 'defocus_blur':
-        return defocus_blur(frames, p[0] * s, p[1])  # alias blur is a pixel-grid anti-aliasing width: unscaled
-    if name == 'glass_blur':
-        return glass_blur(frames, p[0] * s, p[1] * s, p[2], g)
-    if name == 'motion_blur':
-        return motion_blur(frames, p[0] * s, p[1] * s, g)
-    if name == 'zoom_blur':
-        return zoom_blur(frames, p)
-    if name == 'snow':
-        return snow(frames, p[0], p[1], p[2], p[3], p[4] * s, p[5] * s, p[6], g, REFERENCE_SIZE)
-    if name == 'frost':
-        return frost(frames, p[0], p[1], g, frost_dir, frost_bank)
-    if name == 'fog':
-        return fog(frames, p[0], p[1], g)
-    if name == 'brightness':
-        return brightness(frames, p)
-    if name == 'contrast':
-        return contrast(frames, p)
-    if name == 'elastic_transform':
-        return elastic_transform(frames, p[0] * s, p[1] * s, p[2] * s, g, REFERENCE_SIZE)
-    if name == 'pixelate':
-        return pixelate(frames, p)
-    return jpeg_compression(frames, p)
+    x = frames
+    apply = {
+        'gaussian_noise': lambda: gaussian_noise_video(x, p, g),
+        'shot_noise': lambda: shot_noise(x, p, g),
+        'impulse_noise': lambda: impulse_noise(x, p, g),
+        'defocus_blur': lambda: defocus_blur(x, p[0] * s, p[1]),
+        'glass_blur': lambda: glass_blur(x, p[0] * s, p[1] * s, p[2], g),
+        'motion_blur': lambda: motion_blur(x, p[0] * s, p[1] * s, g),
+        'zoom_blur': lambda: zoom_blur(x, p),
+        'snow': lambda: snow(x, p[0], p[1], p[2], p[3], p[4] * s, p[5] * s, p[6], g, REFERENCE_SIZE),
+        'frost': lambda: frost(x, p[0], p[1], g, frost_dir, frost_bank),
+        'fog': lambda: fog(x, p[0], p[1], g),
+        'brightness': lambda: brightness(x, p),
+        'contrast': lambda: contrast(x, p),
+        'elastic_transform': lambda: elastic_transform(x, p[0] * s, p[1] * s, p[2] * s, g, REFERENCE_SIZE),
+        'pixelate': lambda: pixelate(x, p),
+        'jpeg_compression': lambda: jpeg_compression(x, p),
+    }
+    return apply[name]()
 
 
 def read_image(path):
-    """A JPEG / PNG file -> uint8 (3, H, W) RGB; an unreadable file is a DataError naming it."""
+    """A JPEG / PNG file -> uint8 (3, H, W) RGB as PIL's convert("RGB") gives it; unreadable: refused."""
     try:
-        io = vision().io
+        io = torchvision.io
         image = io.decode_image(io.read_file(str(path)), mode=io.ImageReadMode.RGB)
     except (RuntimeError, OSError) as err:
         why = "it is truncated" if "truncated" in str(err) else "it is damaged or not an image"
-        raise DataError(f"{path} is not a readable JPEG/PNG image ({why}); replace or remove it.") from None
-    if image.shape[-1] == 0 or image.shape[-2] == 0:
-        raise DataError(f"{path} is an empty image (0 pixels); replace or remove it.")
+        raise Refusal(f"{path} is not a readable JPEG/PNG image ({why}); replace or remove it.") \
+            from None
+    need(image.shape[-1] * image.shape[-2] > 0, f"{path} is an empty image; replace or remove it.")
+    if image.dtype == torch.uint16:
+        # DEVIATION: PIL clips a 16-bit grey PNG to 255 in convert("RGB"), a white picture; we keep the high
+        # byte of every 16-bit PNG, as PIL does for 16-bit colour
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
 
 
-# --- audio ---
 def read_wav(path):
-    """Read a PCM WAV (8/16/24/32-bit) with the standard-library wave module: ((T,) float32 mono
-    in [-1, 1], sample_rate). Stereo is averaged to mono."""
+    """A PCM WAV (8/16/24/32-bit) -> ((T,) float32 mono in [-1, 1], sample rate); stereo is averaged."""
     channels, width, rate, _ = wav_info(path)
     with wave.open(str(path), 'rb') as f:
         raw = f.readframes(f.getnframes())
-    raw = raw[:len(raw) - len(raw) % (channels * width)]  # a trailing partial frame (odd data size) is dropped
-    if not raw:
-        raise DataError(f"{path} has a WAV header but no complete sample; replace or remove it.")
+    # a trailing partial frame (odd data size) is dropped
+    raw = raw[:len(raw) - len(raw) % (channels * width)]
+    need(raw, f"{path} has a WAV header but no complete sample; replace or remove it.")
     if width == 1:
         data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width == 2:
@@ -918,23 +666,17 @@ def read_wav(path):
 
 
 def wav_info(path):
-    """(channels, bytes per sample, sample rate, frames) of a PCM WAV, read from its header only; a file
-    this project cannot use (not a WAV, compressed, 0 channels, no samples, 0 Hz) is a DataError naming it."""
+    """(channels, bytes per sample, sample rate, frames) from a PCM WAV's header; an unusable file refused."""
     try:
         with wave.open(str(path), 'rb') as f:
             info = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-    except (wave.Error, EOFError) as err:
-        what = f"({err})" if str(err) else "(its header is cut short)"
-        raise DataError(f"{path} is not a PCM WAV file the wave module can read {what}; convert it to 16-bit PCM.") from None
-    except OSError as err:
-        raise DataError(f"{path} cannot be read as a WAV file ({err.strerror or err}).") from None
+    except (wave.Error, EOFError, OSError) as err:
+        raise Refusal(f"{path} is not a PCM WAV file the wave module can read ({err or 'cut short'}); "
+                      f"convert it to 16-bit PCM.") from None
     channels, width, rate, frames = info
-    if width not in (1, 2, 3, 4):
-        raise DataError(f"{path} has {8 * width}-bit samples; only 8, 16, 24 and 32-bit PCM WAV files are supported.")
-    if rate <= 0:
-        raise DataError(f"{path} declares a sample rate of {rate} Hz; fix its header or convert it again.")
-    if frames == 0:
-        raise DataError(f"{path} is an empty WAV file (0 samples); replace or remove it.")
+    need(width in (1, 2, 3, 4), f"{path} has {8 * width}-bit samples; convert it to 8, 16, 24 or 32-bit PCM.")
+    need(rate > 0, f"{path} declares a sample rate of {rate} Hz; fix its header or convert it again.")
+    need(frames > 0, f"{path} is an empty WAV file (0 samples); replace or remove it.")
     return info
 
 
@@ -952,11 +694,11 @@ def write_wav(path, waveform, sample_rate=16000):
 def gaussian_noise_audio(wavs, sigma, generator=None):
     """wavs + N(0, sigma^2) per sample (absolute sigma, READ; no clipping). wavs: (N, T)."""
     g = _generator(generator)
-    return wavs + sigma * _randn(wavs.shape, g, wavs)
+    return wavs + sigma * _draw(torch.randn, wavs.shape, g, dtype=torch.float64).to(wavs)
 
 
 def fit_noise_length(noise, num_samples):
-    """READ: cut the recording to the clip length, or repeat it whole and cut. (L,) -> (num_samples,)."""
+    """READ: cut the recording to the clip length, or repeat it whole and cut. (L,) -> (T,)."""
     if noise.shape[-1] >= num_samples:
         return noise[..., :num_samples]
     repeats = num_samples // noise.shape[-1] + 1
@@ -964,9 +706,7 @@ def fit_noise_length(noise, num_samples):
 
 
 def audio_noise_overlay(wavs, noise, gain_db):
-    """READ (pydub): noise cut / tiled to T, times 10 ** (gain_db / 20) (apply_gain), added to every
-    clip (overlay); pydub's 16-bit arithmetic saturates, so both steps clip to [-1, 1].
-    wavs: (N, T); noise: (L,) -> (N, T)."""
+    """READ (pydub): noise tiled to T, gain 10 ** (gain_db / 20), added; both clipped to [-1, 1]."""
     noise = fit_noise_length(noise, wavs.shape[-1]).to(wavs)                 # (T,)
     gain = 10 ** (gain_db / 20)
     return (wavs + (gain * noise).clamp(-1, 1)[None]).clamp(-1, 1)
@@ -989,22 +729,17 @@ def _slow_curve(shape, num_samples, rate_hz, sample_rate, g):
 
 
 def _unit_rms(x):
-    """x / RMS(x) along the last dim."""
     return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def noise_stand_in(kind, num_samples, generator=None, sample_rate=16000):
-    """Synthetic stand-in for READ's noise recording `kind` (traffic, crowd, rain, thunder, wind):
-    (num_samples,) float32 with RMS NOISE_RMS, clipped to [-1, 1]."""
-    if kind not in AUDIO_CORRUPTIONS[1:]:
-        raise ValueError(f"Unknown noise kind {kind!r}; valid kinds are: {', '.join(AUDIO_CORRUPTIONS[1:])}.")
+    """Synthetic stand-in for READ's recording `kind`: (num_samples,) float32 of RMS NOISE_RMS."""
     g = _generator(generator)
     t_n, sr = num_samples, sample_rate
     t = torch.arange(t_n, dtype=torch.float64) / sr                         # (T,) seconds
     white = torch.randn(t_n, generator=g, dtype=torch.float64)
     if kind == 'traffic':
-        # low-passed reddish road rumble / tyre noise + engine harmonics on a drifting 45-70 Hz
-        # fundamental, under slow passing-car swells
+        # low-passed road rumble + engine harmonics on a drifting 45-70 Hz fundamental, slow swells
         rumble = _spectral_shape(white, sr, lambda f: 1 / (1 + f / 80) / (1 + (f / 1500) ** 4))
         f0 = 45 + 25 * _slow_curve((), t_n, 0.3, sr, g)                     # (T,) Hz
         phase = 2 * math.pi * torch.cumsum(f0, 0) / sr
@@ -1019,11 +754,11 @@ def noise_stand_in(kind, num_samples, generator=None, sample_rate=16000):
         pitch = 100 + 150 * torch.rand(v, 1, generator=g, dtype=torch.float64)                  # (V, 1) Hz
         lo = torch.tensor([300., 900., 2400.], dtype=torch.float64).view(1, 3, 1)
         span = torch.tensor([600., 1400., 900.], dtype=torch.float64).view(1, 3, 1)
-        formants = lo + span * _slow_curve((v, 3), t_n, 4.0, sr, g)                              # (V, 3, T) Hz
+        formants = lo + span * _slow_curve((v, 3), t_n, 4.0, sr, g)
         phase = 2 * math.pi * torch.cumsum(formants, -1) / sr
-        tones = (torch.sin(phase) * torch.tensor([1., .5, .25], dtype=torch.float64).view(1, 3, 1)).sum(1)  # (V, T)
+        tones = (torch.sin(phase) * torch.tensor([1., .5, .25], dtype=torch.float64).view(1, 3, 1)).sum(1)
         buzz = 0.5 + 0.5 * torch.cos(2 * math.pi * pitch * t[None])                              # (V, T)
-        rate = 3 + 3 * torch.rand(v, 1, generator=g, dtype=torch.float64)                        # syllables / s
+        rate = 3 + 3 * torch.rand(v, 1, generator=g, dtype=torch.float64)
         start = torch.rand(v, 1, generator=g, dtype=torch.float64) * 2 * math.pi
         syllables = torch.sin(math.pi * rate * t[None] + start).abs() ** 2                       # (V, T)
         loud = 0.3 + 0.7 * torch.rand(v, 1, generator=g, dtype=torch.float64)
@@ -1037,7 +772,8 @@ def noise_stand_in(kind, num_samples, generator=None, sample_rate=16000):
         drops = drops * torch.sign(torch.randn(t_n, generator=g, dtype=torch.float64))
         tk = torch.arange(int(0.006 * sr), dtype=torch.float64) / sr
         ring = torch.exp(-tk / 0.0015) * torch.sin(2 * math.pi * 3000 * tk)
-        crackle = F.conv1d(drops.view(1, 1, -1), ring.flip(0).view(1, 1, -1), padding=len(ring) - 1)[0, 0, :t_n]
+        crackle = F.conv1d(drops.view(1, 1, -1), ring.flip(0).view(1, 1, -1),
+                           padding=len(ring) - 1)[0, 0, :t_n]
         out = _unit_rms(hiss) + 0.8 * _unit_rms(crackle)
     elif kind == 'thunder':
         # low-passed rumble (< 250 Hz) under a few decaying claps, one per ~4 s, some before the clip
@@ -1060,81 +796,54 @@ def noise_stand_in(kind, num_samples, generator=None, sample_rate=16000):
 
 
 def noise_recording(kind, num_samples, generator=None, noise_dir=None, sample_rate=16000):
-    """The noise `kind`: `<noise_dir>/<kind>.wav` (resampled to sample_rate) if noise_dir is given,
-    else the synthetic stand-in of num_samples. Returns (L,) float32."""
+    """`<noise_dir>/<kind>.wav` (resampled) if noise_dir is given, else the stand-in. (L,) float32."""
     if noise_dir is None:
         return noise_stand_in(kind, num_samples, generator, sample_rate)
     path = os.path.join(noise_dir, kind + '.wav')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {kind} noise recording at {path}; put READ's {kind}.wav there "
-                                "or leave noise_dir unset to use the synthetic stand-in.")
-    key = (os.path.abspath(path), os.path.getmtime(path), sample_rate)
-    if key not in _NOISE:  # read and resampled once per run, not once per clip
-        noise, rate = read_wav(path)  # stereo is averaged to mono
-        if rate != sample_rate:  # to the clip's rate, so the overlay keeps the clip's length and pitch
-            noise = torchaudio.functional.resample(noise, rate, sample_rate)
-        if noise.numel() == 0:
-            raise DataError(f"{path} is shorter than one sample at {sample_rate} Hz; use a longer recording.")
-        _NOISE.clear()
-        _NOISE[key] = noise
-    return _NOISE[key]
+    need(os.path.isfile(path), f"No {kind} noise recording at {path}; put READ's {kind}.wav there.")
+    return _read_noise(os.path.abspath(path), os.path.getmtime(path), sample_rate)
 
 
-_NOISE = {}  # the last noise recording read, resampled
+@functools.lru_cache(maxsize=1)
+def _read_noise(path, mtime, sample_rate):
+    """A noise recording, mono, resampled to the clip's rate; read once per run."""
+    noise, rate = read_wav(path)  # stereo is averaged to mono
+    if rate != sample_rate:
+        noise = torchaudio.functional.resample(noise, rate, sample_rate)
+    need(noise.numel() > 0, f"{path} is shorter than one sample at {sample_rate} Hz; use a longer recording.")
+    return noise
 
 
 def corrupt_audio(wavs, name, severity, generator=None, noise_dir=None, sample_rate=16000, noise=None):
-    """Apply audio corruption `name` at `severity` (1..5) to waveforms (N, T) at sample_rate.
-    noise: the recording (L,) to overlay, instead of noise_recording(name, T, generator, noise_dir)."""
+    """Audio corruption `name` at `severity` on waveforms (N, T); noise: the recording to overlay."""
     _check_name(name, severity, AUDIO_CORRUPTIONS, 'audio')
-    if wavs.dim() != 2:
-        raise ValueError(f"wavs must be a tensor (N, T) of waveforms, got shape {tuple(wavs.shape)}.")
     g = _generator(generator)
     p = AUDIO_SEVERITY[name][int(severity) - 1]
     if name == 'gaussian_noise':
         return gaussian_noise_audio(wavs, p, g)
-    # one recording for the whole set, always from its start (READ cuts rain_sound[:len(audio)]);
-    # DEVIATION: without noise_dir, a synthetic stand-in of READ's recording (noise_stand_in)
+    # DEVIATION: without noise_dir, a synthetic stand-in of READ's recording (one for the set, as READ's)
     if noise is None:
         noise = noise_recording(name, wavs.shape[-1], g, noise_dir, sample_rate)
     return audio_noise_overlay(wavs, noise, p)
 
 
-# ----------------------------------------------------------------------------------------------
-# The embedded benchmark
-# ----------------------------------------------------------------------------------------------
-# Each clip is one audio-visual EVENT: k objects of the class's kind are seen in the frame and are
-# heard striking, once each, in the audio. Three per-clip latent factors besides the class shape
-# BOTH modalities, as a source's physical properties do in a real recording:
-#   size s in [0, 1]       bigger objects in the frame  <->  lower pitch and louder strikes
-#   count k in 1..4        k objects in the frame       <->  k onsets in the audio
-#   material b in [0, 1]   lighter-coloured objects     <->  brighter timbre (flatter partial tilt,
-#                                                            higher impact transient)
-# The class is carried by several cues in each modality, each ambiguous on its own (cues shared by
-# different pairs of classes, plus jitter), as in a real scene where the object, its colour and
-# the context all say something:
-#   video  object hue (10 hues, jittered) and object shape (5 shapes, classes c and c + 5 share
-#          one), both visible at coarse scales, and a fine background grain (period 3-4.5 px) along
-#          one of 5 orientations (classes 2j and 2j + 1 share one), a detail that blur, noise and
-#          pixelation remove;
-#   audio  the partial frequency ratios of the struck resonator (5 kinds: harmonic, odd,
-#          bar, membrane, stretched; shared by pairs of classes), its decay time (3 lengths),
-#          and a pitch register that overlaps with its neighbours once the size is applied.
-# Frames are 1/f scenes (natural-image amplitude spectrum) with soft-edged shaded objects; sounds
-# are impacts (2 ms attack, exponential decays, higher partials dying faster, a noise transient)
-# over a pink-noise ambience.
+# ---- The embedded benchmark --------------------------------------------------------------------------------
+# Each clip is one audio-visual event: k objects of the class's kind seen in the frame and heard striking,
+# once each. Latent factors shared by both modalities: size (bigger <-> lower, louder), count k in 1..4
+# (k objects <-> k onsets), material (lighter colour <-> brighter timbre). The class is carried by several
+# cues per modality, each ambiguous on its own: video hue, shape and a fine oriented background grain (which
+# blur, noise and pixelation remove); audio partial ratios, decay time and pitch register. Frames are 1/f
+# scenes with soft-edged shaded objects; sounds are impacts over pink-noise ambience.
 EMBEDDED = dict(
     num_classes=10, n_train=3000, n_val=300, n_test=2496,  # 2,496 = 39 batches of 64, as Kinetics50-C
     clip_samples=20800,  # 1.3 s at 16 kHz -> exactly 128 fbank frames
     frame_size=64,
     max_count=4,  # objects / onsets per clip: 1..4
-    # video cues
     hue_jitter=0.06,  # std of the object hue around its class hue (class hues are 0.1 apart)
-    grain_period=(3.0, 4.5),  # px: the period of the fine background grain (a detail blur, noise and pixelation remove)
+    grain_period=(3.0, 4.5),  # px: the period of the fine background grain
     grain_contrast=0.2,  # its relative contrast
     orient_jitter=10.0,  # std (degrees) of the background orientation (class orientations are 36 apart)
     size_px=(4.5, 10.0),  # object radius in pixels at s = 0 and s = 1 (64 x 64 frame)
-    # audio cues
     register_oct=0.22,  # spacing of the 10 class pitch registers, octaves (200 Hz .. 2^(9 x 0.22) x 200 Hz)
     size_oct=1.2,  # the size latent moves the pitch over this many octaves (big = low)
     decay_s=(0.05, 0.14, 0.4),  # the three decay times of the fundamental, seconds
@@ -1159,8 +868,7 @@ EMBEDDED_VERSION = 3  # bump when the generator changes; the cache name also car
 
 
 def embedded_id(cfg=EMBEDDED):
-    """A short name of the benchmark version and its settings: caches and checkpoints carry it, so
-    nothing made from another benchmark version is ever reused."""
+    """The benchmark's version and a hash of its settings: caches and checkpoints carry it."""
     text = json.dumps([EMBEDDED_VERSION, cfg, CLASS_HUE, CLASS_SHAPE, CLASS_ORIENT, CLASS_PARTIALS,
                        CLASS_DECAY, CLASS_REGISTER, SHAPES, PARTIALS], sort_keys=True)
     return f"v{EMBEDDED_VERSION}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
@@ -1173,10 +881,11 @@ def _hsv_to_rgb(h, s, v):
 
 
 def draw_latents(labels, g, cfg=EMBEDDED):
-    """The per-clip event factors shared by sound and picture: size (N,), count (N,) long, material (N,)."""
+    """The per-clip event factors shared by sound and picture: size, count (long), material; (N,) each."""
     n = len(labels)
-    return {"size": torch.rand(n, generator=g), "count": torch.randint(1, cfg["max_count"] + 1, (n,), generator=g),
-            "material": torch.rand(n, generator=g)}
+    size = torch.rand(n, generator=g)
+    count = torch.randint(1, cfg["max_count"] + 1, (n,), generator=g)
+    return {"size": size, "count": count, "material": torch.rand(n, generator=g)}
 
 
 def _one_over_f(n, size, g, exponent):
@@ -1190,26 +899,22 @@ def _one_over_f(n, size, g, exponent):
 
 
 def _oriented_band(n, size, g, orientation, period, kappa=4.0, bandwidth=0.35):
-    """n unit-std noise fields (n, size, size) of fine oriented grain: energy in a band around spatial
-    frequency 1 / period (n,) px (log-Gaussian, `bandwidth` octaves std), with wavefronts along
-    `orientation` (n,) radians (von Mises weight exp(kappa (cos 2(phi - orientation - pi/2) - 1)))."""
+    """n unit-std fields (n, size, size) of fine grain around 1 / period, along `orientation` (n,)."""
     fy = torch.fft.fftfreq(size)[:, None]
     fx = torch.fft.rfftfreq(size)[None, :]
     f = (fx ** 2 + fy ** 2).sqrt().clamp_min(1.0 / size)[None]               # (1, S, S/2 + 1)
     phi = torch.atan2(fy, fx)[None]
     radial = torch.exp(-0.5 * (torch.log2(f * period[:, None, None]) / bandwidth) ** 2)
     angular = torch.exp(kappa * (torch.cos(2 * (phi - orientation[:, None, None] - math.pi / 2)) - 1))
-    field = torch.fft.irfft2(torch.fft.rfft2(torch.randn(n, size, size, generator=g)) * radial * angular, s=(size, size))
+    field = torch.fft.irfft2(torch.fft.rfft2(torch.randn(n, size, size, generator=g)) * radial * angular,
+                             s=(size, size))
     return (field - field.mean((1, 2), keepdim=True)) / field.std((1, 2), keepdim=True)
 
 
 def synth_frames(labels, latents, g, cfg=EMBEDDED):
-    """One frame per clip: a 1/f scene with a fine grain along the class orientation, and `count`
-    soft-edged, shaded objects of the class shape and hue, radius set by `size`, lightness by
-    `material`. labels (N,) -> uint8 (N, 3, S, S)."""
+    """One frame per clip: a 1/f scene with the class's grain and objects -> uint8 (N, 3, S, S)."""
     n, S, K = len(labels), cfg["frame_size"], cfg["max_count"]
-    # background: two random low-saturation colours mixed by a 1/f field (the scene), 1/f shading, and a
-    # fine grain (like grass, fabric or water) running along the class's orientation
+    # background: two pale colours mixed by a 1/f field, 1/f shading, grain along the class orientation
     orient = torch.tensor(CLASS_ORIENT)[labels].float() * math.pi / 5 \
         + math.radians(cfg["orient_jitter"]) * torch.randn(n, generator=g)  # (N,)
     scene = _one_over_f(n, S, g, 1.0)                                         # (N, S, S)
@@ -1217,19 +922,21 @@ def synth_frames(labels, latents, g, cfg=EMBEDDED):
     lo_p, hi_p = cfg["grain_period"]
     period = lo_p + (hi_p - lo_p) * torch.rand(n, generator=g)
     grain = _oriented_band(n, S, g, orient, period)
-    c1 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.25 * torch.rand(n, generator=g), 0.25 + 0.3 * torch.rand(n, generator=g))
-    c2 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.25 * torch.rand(n, generator=g), 0.55 + 0.3 * torch.rand(n, generator=g))
+    c1 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.25 * torch.rand(n, generator=g),
+                     0.25 + 0.3 * torch.rand(n, generator=g))
+    c2 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.25 * torch.rand(n, generator=g),
+                     0.55 + 0.3 * torch.rand(n, generator=g))
     mix = torch.sigmoid(2.5 * scene)[:, None]                                 # (N, 1, S, S)
     img = c1[:, :, None, None] * (1 - mix) + c2[:, :, None, None] * mix
     img = img * (1 + 0.2 * light[:, None] + cfg["grain_contrast"] * grain[:, None])  # (N, 3, S, S)
-    # objects: all of the class shape; radius from size, colour from the class hue and material
     m = torch.tensor([SHAPES[s][0] for s in CLASS_SHAPE], dtype=torch.float)[labels][:, None]   # (N, 1)
     a = torch.tensor([SHAPES[s][1] for s in CLASS_SHAPE])[labels][:, None]
     lo, hi = cfg["size_px"]
-    radius = (lo + (hi - lo) * latents["size"])[:, None] * (0.9 + 0.2 * torch.rand(n, K, generator=g))  # (N, K)
+    radius = (lo + (hi - lo) * latents["size"])[:, None] * (0.9 + 0.2 * torch.rand(n, K, generator=g))
     cy, cx = (S * (0.12 + 0.76 * torch.rand(2, n, K, generator=g)))           # (N, K) each
     turn = 2 * math.pi * torch.rand(n, K, generator=g)
-    hue = (torch.tensor(CLASS_HUE)[labels].float() / 10 + cfg["hue_jitter"] * torch.randn(n, generator=g)) % 1.0
+    hue = (torch.tensor(CLASS_HUE)[labels].float() / 10 + cfg["hue_jitter"]
+           * torch.randn(n, generator=g)) % 1.0
     sat = 0.6 + 0.35 * torch.rand(n, generator=g)
     val = 0.4 + 0.55 * latents["material"]
     colour = _hsv_to_rgb(hue, sat, val)                                        # (N, 3)
@@ -1237,8 +944,9 @@ def synth_frames(labels, latents, g, cfg=EMBEDDED):
     for j in range(K):  # painter's order; slot j is drawn only when count > j
         dy, dx = yy - cy[:, j, None, None], xx - cx[:, j, None, None]         # (N, S, S)
         rho, theta = (dx ** 2 + dy ** 2).sqrt(), torch.atan2(dy, dx)
-        edge = radius[:, j, None, None] * (1 + a[:, :, None] * torch.cos(m[:, :, None] * (theta - turn[:, j, None, None])))
-        alpha = torch.sigmoid((edge - rho) / 0.5) * (latents["count"] > j).float()[:, None, None]  # soft edge, (N, S, S)
+        edge = radius[:, j, None, None] * (1 + a[:, :, None]
+                                           * torch.cos(m[:, :, None] * (theta - turn[:, j, None, None])))
+        alpha = torch.sigmoid((edge - rho) / 0.5) * (latents["count"] > j).float()[:, None, None]
         shade = 1.0 - 0.25 * (dy + dx) / (2 * radius[:, j, None, None])       # lit from the top left
         obj = colour[:, :, None, None] * shade.clamp(0.6, 1.3)[:, None]
         img = img * (1 - alpha[:, None]) + obj * alpha[:, None]
@@ -1246,9 +954,7 @@ def synth_frames(labels, latents, g, cfg=EMBEDDED):
 
 
 def synth_audio(labels, latents, g, cfg=EMBEDDED):
-    """One sound per clip: `count` strikes of the class's resonator (its partial ratios, decay and
-    pitch register; pitch lowered and level raised by `size`, timbre brightened by `material`), each
-    with a short noise transient, over pink-noise ambience. labels (N,) -> (N, clip_samples) in [-1, 1]."""
+    """One sound per clip: strikes of the class's resonator over pink noise -> (N, T) in [-1, 1]."""
     n, T, K = len(labels), cfg["clip_samples"], cfg["max_count"]
     t = torch.arange(T) / SAMPLE_RATE                                          # (T,) s
     size, material, count = latents["size"][:, None], latents["material"][:, None], latents["count"]
@@ -1257,7 +963,7 @@ def synth_audio(labels, latents, g, cfg=EMBEDDED):
     ratios = torch.tensor(PARTIALS)[torch.tensor(CLASS_PARTIALS)[labels]]      # (N, P)
     ratios = ratios * (1 + cfg["inharmonic_jitter"] * torch.randn(ratios.shape, generator=g)).clamp_min(0.5)
     ratios[:, 0] = 1.0
-    tilt = 1.8 - 1.3 * material                                                # partial n has amplitude n^-tilt
+    tilt = 1.8 - 1.3 * material
     amps = torch.arange(1, ratios.shape[1] + 1).float()[None] ** -tilt        # (N, P)
     amps = amps * (f0 * ratios < 7000).float()                                 # nothing above 7 kHz
     decay = torch.tensor(cfg["decay_s"])[torch.tensor(CLASS_DECAY)[labels]][:, None] \
@@ -1273,16 +979,16 @@ def synth_audio(labels, latents, g, cfg=EMBEDDED):
     band = torch.exp(-0.5 * (torch.log2(freqs.clamp_min(20) / centre) / 0.5) ** 2)
     burst = torch.fft.irfft(torch.fft.rfft(torch.randn(n, T, generator=g)) * band, n=T)
     burst = burst / burst.pow(2).mean(1, keepdim=True).sqrt()
-    # one strike's sound (the impulse response of the struck object), (N, T): 2 ms attack; partial p
-    # rings at f0 x ratio_p and dies with tau_p = decay / sqrt(ratio_p) (higher partials die faster)
+    # one strike (N, T): 2 ms attack; partial p rings at f0 ratio_p, decays with tau_p = decay / sqrt(ratio_p)
     attack = 1 - torch.exp(-t[None] / 0.002)
     phase = 2 * math.pi * torch.rand(n, ratios.shape[1], generator=g)
     ring = torch.zeros(n, T)
     for p in range(ratios.shape[1]):
         tau = decay / ratios[:, p, None].sqrt()
-        ring = ring + amps[:, p, None] * torch.sin(2 * math.pi * f0 * ratios[:, p, None] * t[None] + phase[:, p, None]) \
-            * torch.exp(-t[None] / tau)
-    strike = attack * (ring / amps.sum(1, keepdim=True).clamp_min(1e-6) + 0.5 * burst * torch.exp(-t[None] / 0.008))
+        partial = torch.sin(2 * math.pi * f0 * ratios[:, p, None] * t[None] + phase[:, p, None])  # (N, T)
+        ring = ring + amps[:, p, None] * partial * torch.exp(-t[None] / tau)
+    strike = attack * (ring / amps.sum(1, keepdim=True).clamp_min(1e-6) + 0.5 * burst
+                       * torch.exp(-t[None] / 0.008))
     # the clip: every strike placed at its onset with its level (a convolution with the impulse train)
     train = torch.zeros(n, T)
     train.scatter_add_(1, (onset * SAMPLE_RATE).round().long().clamp(max=T - 1), level)
@@ -1297,173 +1003,95 @@ def synth_audio(labels, latents, g, cfg=EMBEDDED):
     return (wav + pink).clamp(-1, 1)
 
 
-def generate_embedded(seed=0, cfg=EMBEDDED, chunk=500, quiet=None, workers=None):
-    """Generate the three splits: {split: {'wav': (N, T) int16, 'frames': uint8 (N, 3, S, S), 'label',
-    'size', 'count', 'material'}}. Each split draws from its own generator (seed * 1000 + its index),
-    so the splits are made side by side in `workers` processes (parallel_fill) with the same bytes as
-    one after the other; within a split, chunks of `chunk` clips bound the memory."""
-    splits = ("train", "val", "test")
-    sizes = [cfg[f"n_{s}"] for s in splits]
-    dests = [{"wav": shared_empty((n, cfg["clip_samples"]), torch.int16),
-              "frames": shared_empty((n, 3, cfg["frame_size"], cfg["frame_size"]), torch.uint8),
-              "label": shared_empty((n,), torch.int64), "size": shared_empty((n,), torch.float32),
-              "count": shared_empty((n,), torch.int64), "material": shared_empty((n,), torch.float32)} for n in sizes]
-    bar = tqdm(total=sum(sizes), desc="generating the embedded benchmark", unit="clip", dynamic_ncols=True,
-               disable=sum(sizes) < 1000 if quiet is None else quiet)
-    make = functools.partial(_generate_split, seed=seed, cfg=cfg, chunk=chunk)
-    parallel_fill(make, list(enumerate(splits)), dests, workers, progress=lambda i: bar.update(sizes[i]))
+def generate_embedded(seed=0, cfg=EMBEDDED, chunk=500, quiet=None):
+    """{split: {'wav' int16, 'frames' uint8, 'label', latents}}; split i seeded seed * 1000 + i."""
+    out = {}
+    total = sum(cfg[f"n_{s}"] for s in ("train", "val", "test"))
+    bar = tqdm(total=total, desc="generating the embedded benchmark", unit="clip", dynamic_ncols=True,
+               disable=total < 1000 if quiet is None else quiet)
+    for i, split in enumerate(("train", "val", "test")):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        n = cfg[f"n_{split}"]
+        labels = (torch.arange(n) % cfg["num_classes"])[torch.randperm(n, generator=g)]
+        latents = draw_latents(labels, g, cfg)
+        wavs, frames = [], []
+        for s in range(0, n, chunk):
+            part = {k: v[s:s + chunk] for k, v in latents.items()}
+            wavs.append(synth_audio(labels[s:s + chunk], part, g, cfg))
+            frames.append(synth_frames(labels[s:s + chunk], part, g, cfg))
+            bar.update(len(labels[s:s + chunk]))
+        wav = (torch.cat(wavs) * 32767).round().to(torch.int16)
+        out[split] = {"wav": wav, "frames": torch.cat(frames), "label": labels, **latents}
     bar.close()
-    return {split: {k: v.clone() for k, v in d.items()} for split, d in zip(splits, dests)}  # out of shared memory
+    return out
 
 
-def _generate_split(job, seed, cfg, chunk):
-    """One split of the embedded benchmark: job = (its index i, its name); generator seed * 1000 + i."""
-    i, split = job
-    g = torch.Generator().manual_seed(seed * 1000 + i)
-    n = cfg[f"n_{split}"]
-    labels = (torch.arange(n) % cfg["num_classes"])[torch.randperm(n, generator=g)]
-    latents = draw_latents(labels, g, cfg)
-    wavs, frames = [], []
-    for s in range(0, n, chunk):
-        part = {k: v[s:s + chunk] for k, v in latents.items()}
-        wavs.append(synth_audio(labels[s:s + chunk], part, g, cfg))
-        frames.append(synth_frames(labels[s:s + chunk], part, g, cfg))
-    return {"wav": (torch.cat(wavs) * 32767).round().to(torch.int16), "frames": torch.cat(frames), "label": labels,
-            **latents}
-
-
-def embedded_raw(seed=0, cache_dir=CACHE_DIR):
-    """The raw embedded benchmark, generated once per seed and cached on disk."""
-    path = os.path.join(cache_dir, f"embedded_{embedded_id()}_seed{seed}.pt")
-    if path not in _RAW:  # a truncated or foreign cache file is regenerated; the temp name is per process
-        _RAW[path] = common.load_or_rebuild(path, lambda: generate_embedded(seed), valid=_is_raw_benchmark)
+def embedded_raw(seed=0, cache_dir=CACHE_DIR, image_text=False):
+    """The raw embedded benchmark (audio-video or image-text), generated once per seed and cached."""
+    if image_text:
+        name, make, keys = f"image_text_{it_embedded_id()}", generate_image_text, set(IT_TASKS)
+    else:
+        name, make, keys = f"embedded_{embedded_id()}", generate_embedded, {"train", "val", "test"}
+    path = os.path.join(cache_dir, f"{name}_seed{seed}.pt")
+    if path not in _RAW:
+        _RAW[path] = _load_or_make(path, lambda: make(seed), keys)
     return _RAW[path]
 
 
-_RAW = {}  # the raw benchmark, loaded once per process
+def _load_or_make(path, make, keys):
+    """torch.load(path) if it holds a dict with these keys, else make(), saved there."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and set(obj) == keys:
+            return obj
+    except Exception:  # no file, or not one this version wrote
+        pass
+    obj = make()
+    try:
+        common.atomic_save(obj, path)
+    except OSError as err:
+        print(f"[cache] could not write {path} ({err.strerror or err})", file=sys.stderr)
+    return obj
 
 
-def _is_raw_benchmark(obj):
-    """Does a cache file hold what generate_embedded returns (three splits of wav, frames, label tensors)?"""
-    return isinstance(obj, dict) and all(
-        isinstance(obj.get(s), dict) and all(torch.is_tensor(obj[s].get(k)) for k in ("wav", "frames", "label"))
-        for s in ("train", "val", "test"))
+_RAW = {}  # the raw benchmarks, loaded once per process
+_CLEAN = {}  # the clean pre-processed inputs of the embedded benchmarks, made once per process
 
 
 def embedded_split(split, model, seed=0, video_corruption=None, audio_corruption=None, severity=5,
                    corruption_seed=0, frost_dir=None, noise_dir=None, cache_dir=CACHE_DIR):
-    """One split of the embedded benchmark as AVTensors, pre-processed for `model`'s input sizes.
-
-    A corruption (names in VIDEO_CORRUPTIONS / AUDIO_CORRUPTIONS) is applied to the raw frames or
-    waveforms first; the corrupted test set is the same for every run (fixed `corruption_seed`).
-    embedded_test_sets makes many corrupted sets at once.
-    """
-    job = (seed, split, _input_sizes(model), video_corruption, audio_corruption, severity, corruption_seed,
-           frost_dir, noise_dir, cache_dir)
-    return _with_clean_inputs(job, _corrupted_inputs(job))
-
-
-def embedded_test_sets(model, pairs, seed=0, severity=5, corruption_seed=0, frost_dir=None, noise_dir=None,
-                       cache_dir=CACHE_DIR, workers=None, quiet=False):
-    """The corrupted test sets of several corruptions at once: pairs [(video corruption or None, audio
-    corruption or None)] -> [AVTensors], each equal to embedded_split('test', ...) of its pair, made side
-    by side in `workers` processes (parallel_fill; zoom blur here, see THREAD_DEPENDENT) with a progress bar."""
-    sizes = _input_sizes(model)
-    jobs = [(seed, "test", sizes, vc, ac, severity, corruption_seed, frost_dir, noise_dir, cache_dir) for vc, ac in pairs]
-    raw = embedded_raw(seed, cache_dir)["test"]  # loaded here, so the workers inherit it
-    n, mel_bins, audio_length, image_size = len(raw["label"]), *sizes
-    for vc, ac in pairs:  # a bad name is refused before any work starts
-        if vc:
-            _check_name(vc, severity, VIDEO_CORRUPTIONS, "video")
-        if ac:
-            _check_name(ac, severity, AUDIO_CORRUPTIONS, "audio")
-    for modality in {m for vc, ac in pairs for m, c in (("audio", ac), ("video", vc)) if not c}:
-        _clean_input(jobs[0], modality)  # the clean inputs in use first, in this process (a worker's copy is lost)
-    dests = [{**({"audio": shared_empty((n, audio_length, mel_bins), torch.float32)} if ac else {}),
-              **({"video": shared_empty((n, 3, image_size, image_size), torch.float32)} if vc else {})}
-             for vc, ac in pairs]
-    bar = tqdm(total=len(jobs), desc="corrupting the test sets", unit="set", dynamic_ncols=True, disable=quiet,
-               leave=False)
-    here = [i for i, (vc, _) in enumerate(pairs) if vc in THREAD_DEPENDENT]
-    parallel_fill(_corrupted_inputs, jobs, dests, workers, in_process=here, progress=lambda i: bar.update(1))
-    bar.close()
-    return [_with_clean_inputs(job, {k: v.clone() for k, v in d.items()}) for job, d in zip(jobs, dests)]  # out of shared memory
-
-
-def _input_sizes(model):
-    return model.mel_bins, model.audio_length, model.image_size
-
-
-def _corrupted_inputs(job):
-    """The pre-processed inputs of one split under one (video, audio) corruption pair: {'audio', 'video'},
-    only the corrupted modalities. The audio corruption draws first, then the video one, from one
-    generator seeded with corruption_seed."""
-    seed, split, (mel_bins, audio_length, image_size), vc, ac, severity, corruption_seed, frost_dir, noise_dir, cache_dir = job
+    """One split of the embedded benchmark as AVTensors for `model`'s input sizes; a corruption acts on
+    the raw waveforms / frames, from a generator seeded with `corruption_seed` (the audio one first)."""
     raw = embedded_raw(seed, cache_dir)[split]
     g = torch.Generator().manual_seed(corruption_seed)
-    inputs = {}
-    if ac:
-        wav = raw["wav"].float() / 32767  # (N, T_samples)
-        wav = corrupt_audio(wav, ac, severity, generator=g, noise_dir=noise_dir).clamp(-1, 1)
-        inputs["audio"] = wavs_to_fbank(wav, mel_bins, audio_length)
-    if vc:
-        frames = raw["frames"].float() / 255  # (N, 3, S, S)
-        inputs["video"] = frames_to_input(corrupt_video(frames, vc, severity, generator=g, frost_dir=frost_dir), image_size)
-    return inputs
+    wavs, frames = raw["wav"].float() / 32767, raw["frames"].float() / 255  # (N, T_samples), (N, 3, S, S)
+    clean = _CLEAN.setdefault((seed, split, model.mel_bins, model.audio_length, model.image_size, cache_dir),
+                              {})
+    if audio_corruption:
+        wavs = corrupt_audio(wavs, audio_corruption, severity, generator=g, noise_dir=noise_dir).clamp(-1, 1)
+        audio = wavs_to_fbank(wavs, model.mel_bins, model.audio_length)
+    else:
+        if "audio" not in clean:
+            clean["audio"] = wavs_to_fbank(wavs, model.mel_bins, model.audio_length)
+        audio = clean["audio"]
+    if video_corruption:
+        frames = corrupt_video(frames, video_corruption, severity, generator=g, frost_dir=frost_dir)
+        video = frames_to_input(frames, model.image_size)
+    else:
+        if "video" not in clean:
+            clean["video"] = frames_to_input(frames, model.image_size)
+        video = clean["video"]
+    return AVTensors({"audio": audio, "video": video, "label": raw["label"]})
 
 
-def _clean_input(job, modality):
-    """The clean pre-processed 'audio' or 'video' of the job's split, the same for every corruption of the
-    other modality: computed once per process (_CLEAN)."""
-    seed, split, (mel_bins, audio_length, image_size), *_, cache_dir = job
-    key = (modality, seed, split, mel_bins, audio_length, image_size)
-    if key not in _CLEAN:
-        raw = embedded_raw(seed, cache_dir)[split]
-        _CLEAN[key] = (wavs_to_fbank(raw["wav"].float() / 32767, mel_bins, audio_length) if modality == "audio"
-                       else frames_to_input(raw["frames"].float() / 255, image_size))
-    return _CLEAN[key]
-
-
-def _with_clean_inputs(job, inputs):
-    """AVTensors of the job's split: `inputs` ({'audio', 'video'}, the corrupted ones), the clean input for a
-    modality it lacks."""
-    seed, split, *_, cache_dir = job
-    fields = {m: inputs[m] if m in inputs else _clean_input(job, m) for m in ("audio", "video")}
-    return AVTensors({**fields, "label": embedded_raw(seed, cache_dir)[split]["label"]})
-
-
-_CLEAN = {}  # clean pre-processed inputs of the embedded benchmark, per (modality, seed, split, sizes)
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedded image-text benchmark: food (Food-101-like), imdb (MM-IMDb-like), memes (Hateful-Memes-like)
-# ----------------------------------------------------------------------------------------------
-# One small visual world shared by the three tasks, as one CLIP is shared by the three datasets.
-# A picture is a 1/f scene (natural-image amplitude spectrum, as the audio-visual frames) with `count`
-# soft-edged, shaded objects. Every picture has four PER-SAMPLE attributes that its text names too, so
-# that text and image correspond per sample and not only per class (what CLIP's objective learns):
-#   count 1..4 ("two"), colour of 8 named hues ("red"), size of 3 ("small"), region of 4 ("on the left").
-# Class evidence sits at several scales: the objects' outline (5 shapes, coarse), a fine inner pattern
-# (solid, stripes at 0 or 60 degrees, dots; period 4 px, finer than a patch of 8) and the scene's
-# tint (context). A motif = (shape, pattern): 20 of them.
-#   food   20 dishes in 4 groups of 5; dish c is drawn with motif c and the tint of its group. Its title
-#          names the dish by one of 2 synonyms with probability 0.8, otherwise only the group
-#          ("dessert"), so the text is strong but not perfect and the picture settles the rest.
-#   imdb   12 genres of unequal frequency (0.5 .. 0.04, at least one per film); each figure of the
-#          poster shows the motif of one of the film's genres (motif 1 + g) with probability 0.6, else
-#          a plain figure (motif 0, no genre); dark genres darken the poster. The plot names each genre
-#          by one of 3 cue words with probability 0.9 and, with probability 0.04, a cue word of a
-#          genre the film does not have; plots are long (10-30 words among noise words).
-#   memes  the label comes from the pairing: a text's hostility h_t in {-2 .. 2} (its 1-3 tone words) and
-#          the pictured subject (6 subjects, each a motif in its own colour; the 3 in warm colours are
-#          "targets", h_i = +1, the others h_i = -1): hateful = [h_t + h_i > 0.5], 10% of labels flipped.
-#          Harsher texts come with darker pictures more often (P(dark) 0.2 at h_t = -2 .. 0.8 at +2),
-#          which is what lets a contrastive text tower learn the tone words at all. Half the samples are
-#          confounders of the other half, as in Hateful Memes: the same text with another picture (a
-#          subject of the other kind), or the same picture with another text (a hostility across the
-#          decision line). A meme's text never names its colour (that would name the subject).
-# Every text leaves some attributes out (each named with probability 0.8) and has noise words at
-# random places.
+# ---- The embedded image-text benchmark: food (Food-101-like), imdb (MM-IMDb-like), memes (Hateful Memes) --
+# One small visual world for the three tasks: 1/f scenes with `count` soft-edged objects. Four per-sample
+# attributes are shown and named in the text (count, colour, size, region), so text and image correspond per
+# sample (what CLIP's objective learns). Class evidence: outline (5 shapes), fine inner pattern (4) and the
+# scene's tint; a motif = (shape, pattern). food: 20 dishes in 4 groups, the title names the dish (p 0.8) or
+# only its group. imdb: 12 genres of unequal frequency, each figure shows one genre's motif (p 0.6), the plot
+# names genres by cue words (p 0.9, false cue p 0.04). memes: hateful = [h_t + h_i > 0.5] (text hostility,
+# target subject), 10% flipped; half the samples are confounders of the other half (same text or picture).
 IT_TASKS = {  # task -> what the papers' table reports on the dataset it stands for
     "food": dict(kind="single", metric="accuracy", num_classes=20, like="UPMC Food-101"),
     "imdb": dict(kind="multilabel", metric="f1_macro", num_classes=12, like="MM-IMDb"),
@@ -1481,7 +1109,8 @@ IT_EMBEDDED = dict(
     imdb_p_motif=0.6, imdb_p_cue=0.9, imdb_p_false_cue=0.04, imdb_words=(10, 30),
     memes_flip=0.1, memes_p_dark=(0.2, 0.8),  # P(a dark scene) at hostility -2 and +2, linear between
 )
-IT_COLOURS = (("red", 0.0), ("orange", 0.08), ("yellow", 0.15), ("green", 0.33), ("cyan", 0.5), ("blue", 0.62),
+IT_COLOURS = (("red", 0.0), ("orange", 0.08), ("yellow", 0.15), ("green", 0.33), ("cyan", 0.5),
+              ("blue", 0.62),
               ("purple", 0.75), ("pink", 0.88))
 COLOUR_WORDS = tuple(c for c, _ in IT_COLOURS)
 IT_COUNTS = (("one", "a", "single"), ("two", "pair"), ("three",), ("four",))  # count 1..4
@@ -1489,25 +1118,28 @@ IT_SIZES = (("small", "tiny"), ("medium",), ("big", "large"))
 IT_REGIONS = ("left", "right", "top", "bottom")
 IT_SHAPES = ((0, 0.0), (3, 0.3), (4, 0.22), (5, 0.42), (2, 0.4))  # radius(theta) = 1 + a cos(m theta): (m, a)
 FOOD_GROUPS = ("dessert", "soup", "salad", "snack")
-FOOD_DISHES = (("cake", "gateau"), ("pie", "tart"), ("pudding", "custard"), ("cookies", "biscuits"), ("donuts", "crullers"),
-               ("ramen", "noodles"), ("chowder", "bisque"), ("pho", "broth"), ("gazpacho", "borscht"), ("miso", "dashi"),
-               ("caesar", "romaine"), ("coleslaw", "slaw"), ("tabbouleh", "bulgur"), ("caprese", "mozzarella"), ("nicoise", "tuna"),
-               ("nachos", "tortilla"), ("fries", "chips"), ("pretzel", "twist"), ("samosa", "pakora"), ("dumplings", "gyoza"))
+FOOD_DISHES = (("cake", "gateau"), ("pie", "tart"), ("pudding", "custard"), ("cookies", "biscuits"),
+               ("donuts", "crullers"), ("ramen", "noodles"), ("chowder", "bisque"), ("pho", "broth"),
+               ("gazpacho", "borscht"), ("miso", "dashi"), ("caesar", "romaine"), ("coleslaw", "slaw"),
+               ("tabbouleh", "bulgur"), ("caprese", "mozzarella"), ("nicoise", "tuna"),
+               ("nachos", "tortilla"), ("fries", "chips"), ("pretzel", "twist"), ("samosa", "pakora"),
+               ("dumplings", "gyoza"))
 FOOD_TINT = (0.05, 0.55, 0.3, 0.8)  # hue of each group's scene tint
 IMDB_GENRES = ("drama", "comedy", "romance", "thriller", "crime", "action", "horror", "documentary", "scifi",
                "family", "war", "western")
 IMDB_CUES = (("grief", "family", "struggle"), ("hilarious", "funny", "laughs"), ("love", "falls", "heart"),
-             ("suspense", "danger", "chase"), ("murder", "detective", "police"), ("fight", "explosive", "battle"),
-             ("ghost", "terror", "haunted"), ("interviews", "footage", "true"), ("alien", "spaceship", "future"),
+             ("suspense", "danger", "chase"), ("murder", "detective", "police"),
+             ("fight", "explosive", "battle"), ("ghost", "terror", "haunted"),
+             ("interviews", "footage", "true"), ("alien", "spaceship", "future"),
              ("kids", "parents", "holiday"), ("soldiers", "army", "front"), ("cowboy", "sheriff", "desert"))
 IMDB_DARK = (3, 4, 6, 10)  # thriller, crime, horror, war: darker posters
 MEMES_TONE = (("lovely", "kind", "sweet"), ("nice", "fine", "okay"), ("weird", "odd", "strange"),
               ("stupid", "ugly", "gross"), ("vile", "disgusting", "filthy"))  # hostility -2 .. 2
-MEMES_SUBJECTS = ((1, 0), (6, 1), (11, 7), (16, 4), (3, 5), (13, 6))  # (motif, colour) of the 6 subjects; the first 3
-# are targets, drawn in warm colours (red, orange, pink), the others in cool ones (cyan, blue, purple)
-IT_NOISE = ("the", "with", "and", "of", "best", "easy", "homemade", "recipe", "photo", "look", "this", "is", "so",
-            "when", "you", "my", "today", "story", "new", "really", "just", "about", "in", "a", "life", "world",
-            "young", "man", "woman", "town", "after", "meets", "must", "their", "his", "her")
+# (motif, colour) of the 6 subjects; the first 3 (warm colours) are targets
+MEMES_SUBJECTS = ((1, 0), (6, 1), (11, 7), (16, 4), (3, 5), (13, 6))
+IT_NOISE = ("the", "with", "and", "of", "best", "easy", "homemade", "recipe", "photo", "look", "this", "is",
+            "so", "when", "you", "my", "today", "story", "new", "really", "just", "about", "in", "a", "life",
+            "world", "young", "man", "woman", "town", "after", "meets", "must", "their", "his", "her")
 IT_VERSION = 1  # bump when the generator changes; the cache name also carries a hash of the settings
 
 
@@ -1521,15 +1153,14 @@ def it_vocab():
 
 def it_embedded_id(cfg=IT_EMBEDDED):
     """Version + hash of every setting and word table: caches and checkpoints carry it."""
-    text = json.dumps([IT_VERSION, cfg, IT_TASKS, IT_COLOURS, IT_COUNTS, IT_SIZES, IT_REGIONS, IT_SHAPES, FOOD_GROUPS,
-                       FOOD_DISHES, FOOD_TINT, IMDB_GENRES, IMDB_CUES, IMDB_DARK, MEMES_TONE, MEMES_SUBJECTS, IT_NOISE],
-                      sort_keys=True)
+    text = json.dumps([IT_VERSION, cfg, IT_TASKS, IT_COLOURS, IT_COUNTS, IT_SIZES, IT_REGIONS, IT_SHAPES,
+                       FOOD_GROUPS, FOOD_DISHES, FOOD_TINT, IMDB_GENRES, IMDB_CUES, IMDB_DARK, MEMES_TONE,
+                       MEMES_SUBJECTS, IT_NOISE], sort_keys=True)
     return f"it{IT_VERSION}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def draw_attributes(n, g, cfg=IT_EMBEDDED):
-    """The per-sample attributes a picture shows and its text names: count (N,) 1..4, colour (N,) 0..7,
-    size (N,) 0..2, region (N,) 0..3."""
+    """Per-sample attributes a picture shows and its text names: count 1..4, colour, size, region."""
     return {"count": torch.randint(1, cfg["max_count"] + 1, (n,), generator=g),
             "colour": torch.randint(0, len(IT_COLOURS), (n,), generator=g),
             "size": torch.randint(0, len(IT_SIZES), (n,), generator=g),
@@ -1537,39 +1168,45 @@ def draw_attributes(n, g, cfg=IT_EMBEDDED):
 
 
 def render_pictures(attrs, motif, tint, g, cfg=IT_EMBEDDED):
-    """Pictures of `count` objects. motif (N, K) long in 0..19 (object j's shape = motif // 4, pattern =
-    motif % 4); tint (N,) the scene's hue, or NaN for a random one; attrs from draw_attributes (a 'dark'
-    entry (N,) bool darkens the scene). -> uint8 (N, 3, S, S)."""
+    """Pictures of `count` objects of motifs (N, K) on scenes of hue `tint` -> uint8 (N, 3, S, S)."""
     n, S, K = len(motif), cfg["image_size"], cfg["max_count"]
     scene = _one_over_f(n, S, g, 1.0)                                          # (N, S, S)
     light = _one_over_f(n, S, g, 1.2)
-    hue1 = torch.where(tint.isnan(), torch.rand(n, generator=g), tint + 0.04 * torch.randn(n, generator=g)) % 1.0
+    hue1 = torch.where(tint.isnan(), torch.rand(n, generator=g),
+                       tint + 0.04 * torch.randn(n, generator=g)) % 1.0
     dark = attrs.get("dark", torch.zeros(n, dtype=torch.bool)).float()
-    c1 = _hsv_to_rgb(hue1, 0.3 + 0.15 * torch.rand(n, generator=g), (0.35 + 0.25 * torch.rand(n, generator=g)) * (1 - 0.55 * dark))
-    c2 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.2 * torch.rand(n, generator=g), (0.55 + 0.3 * torch.rand(n, generator=g)) * (1 - 0.55 * dark))
+    c1 = _hsv_to_rgb(hue1, 0.3 + 0.15 * torch.rand(n, generator=g),
+                     (0.35 + 0.25 * torch.rand(n, generator=g)) * (1 - 0.55 * dark))
+    c2 = _hsv_to_rgb(torch.rand(n, generator=g), 0.1 + 0.2 * torch.rand(n, generator=g),
+                     (0.55 + 0.3 * torch.rand(n, generator=g)) * (1 - 0.55 * dark))
     mix = torch.sigmoid(2.5 * scene)[:, None]
-    img = (c1[:, :, None, None] * (1 - mix) + c2[:, :, None, None] * mix) * (1 + 0.2 * light[:, None])  # (N, 3, S, S)
-    # objects: centres inside the named region (a half of the picture), radius from the size, colour named
-    radius = torch.tensor(cfg["size_px"])[attrs["size"]][:, None] * (0.9 + 0.2 * torch.rand(n, K, generator=g))  # (N, K)
+    img = (c1[:, :, None, None] * (1 - mix) + c2[:, :, None, None] * mix) * (1 + 0.2 * light[:, None])
+    # objects: centres inside the named region (a half of the picture)
+    radius = torch.tensor(cfg["size_px"])[attrs["size"]][:, None] \
+        * (0.9 + 0.2 * torch.rand(n, K, generator=g))  # (N, K)
     u, v = 0.14 + 0.72 * torch.rand(2, n, K, generator=g)                      # along / across the half
-    across = 0.12 + 0.3 * v                                                    # fraction of S from the region's edge
+    across = 0.12 + 0.3 * v
     region = attrs["region"][:, None].expand(n, K)
     cx = torch.where(region == 0, across, torch.where(region == 1, 1 - across, u)) * S
     cy = torch.where(region == 2, across, torch.where(region == 3, 1 - across, u)) * S
     turn = 2 * math.pi * torch.rand(n, K, generator=g)
     shape = motif // 4
     m = torch.tensor([s[0] for s in IT_SHAPES], dtype=torch.float)[shape]     # (N, K)
-    a = torch.tensor([s[1] for s in IT_SHAPES])[shape] * (1 + cfg["shape_jitter"] * torch.randn(n, K, generator=g)).clamp(0.3, 1.7)
-    hue = (torch.tensor([h for _, h in IT_COLOURS])[attrs["colour"]] + 0.02 * torch.randn(n, generator=g)) % 1.0
-    colour = _hsv_to_rgb(hue, 0.75 + 0.2 * torch.rand(n, generator=g), 0.75 + 0.2 * torch.rand(n, generator=g))  # (N, 3)
+    jitter = (1 + cfg["shape_jitter"] * torch.randn(n, K, generator=g)).clamp(0.3, 1.7)
+    a = torch.tensor([s[1] for s in IT_SHAPES])[shape] * jitter
+    hues = torch.tensor([h for _, h in IT_COLOURS])
+    hue = (hues[attrs["colour"]] + 0.02 * torch.randn(n, generator=g)) % 1.0
+    colour = _hsv_to_rgb(hue, 0.75 + 0.2 * torch.rand(n, generator=g),
+                         0.75 + 0.2 * torch.rand(n, generator=g))
     yy, xx = torch.meshgrid(torch.arange(S).float() + 0.5, torch.arange(S).float() + 0.5, indexing="ij")
     w = 2 * math.pi / cfg["pattern_period"]
     waves = (torch.cos(w * yy), torch.cos(w * (xx * math.sin(math.pi / 3) + yy * math.cos(math.pi / 3))))
-    patterns = torch.stack([torch.zeros(S, S), waves[0], waves[1], torch.cos(w * xx) * torch.cos(w * yy)])  # (4, S, S)
+    patterns = torch.stack([torch.zeros(S, S), waves[0], waves[1], torch.cos(w * xx) * torch.cos(w * yy)])
     for j in range(K):  # painter's order; slot j is drawn only when count > j
         dy, dx = yy - cy[:, j, None, None], xx - cx[:, j, None, None]          # (N, S, S)
         rho, theta = (dx ** 2 + dy ** 2).sqrt(), torch.atan2(dy, dx)
-        edge = radius[:, j, None, None] * (1 + a[:, j, None, None] * torch.cos(m[:, j, None, None] * (theta - turn[:, j, None, None])))
+        wave_j = torch.cos(m[:, j, None, None] * (theta - turn[:, j, None, None]))  # (N, S, S)
+        edge = radius[:, j, None, None] * (1 + a[:, j, None, None] * wave_j)
         alpha = torch.sigmoid((edge - rho) / 0.5) * (attrs["count"] > j).float()[:, None, None]
         shade = (1.0 - 0.25 * (dy + dx) / (2 * radius[:, j, None, None])).clamp(0.6, 1.3)
         texture = 1 + cfg["pattern_contrast"] * patterns[motif[:, j] % 4]      # (N, S, S)
@@ -1583,8 +1220,7 @@ def _pick(options, rng):
 
 
 def describe(attrs, i, rng, p_mention):
-    """The words naming sample i's attributes, each named with probability p_mention, in a fixed order:
-    [count] [size] [colour] objects [on the region]."""
+    """The words naming sample i's attributes: [count] [size] [colour] objects [on the region]."""
     words = []
     if rng.random() < p_mention:
         words.append(_pick(IT_COUNTS[attrs["count"][i] - 1], rng))
@@ -1599,7 +1235,6 @@ def describe(attrs, i, rng, p_mention):
 
 
 def add_noise_words(words, rng, k):
-    """Insert k noise words at random places."""
     for _ in range(k):
         words.insert(int(rng.integers(len(words) + 1)), _pick(IT_NOISE, rng))
     return words
@@ -1623,12 +1258,12 @@ def _imdb(n, g, rng, cfg):
     freq = torch.tensor(cfg["imdb_genre_freq"])
     label = (torch.rand(n, len(freq), generator=g) < freq).float()            # (N, G) multi-hot
     none = label.sum(1) == 0
-    label[none, torch.multinomial(freq, int(none.sum()), replacement=True, generator=g)] = 1.0  # at least one genre
+    label[none, torch.multinomial(freq, int(none.sum()), replacement=True, generator=g)] = 1.0
     attrs = draw_attributes(n, g, cfg)
     attrs["dark"] = label[:, list(IMDB_DARK)].sum(1) > 0
     K = cfg["max_count"]
-    # figure j shows the motif of the film's (j mod #genres)-th genre with probability p_motif, else a plain figure
-    order = torch.argsort(label + torch.rand(label.shape, generator=g), dim=1, descending=True)  # present genres first
+    # figure j shows the motif of the film's (j mod #genres)-th genre with probability p_motif, else none
+    order = torch.argsort(label + torch.rand(label.shape, generator=g), dim=1, descending=True)
     slot = torch.arange(K)[None] % label.sum(1, keepdim=True).long()          # (N, K)
     genre = order.gather(1, slot)
     shown = torch.rand(n, K, generator=g) < cfg["imdb_p_motif"]
@@ -1641,33 +1276,35 @@ def _imdb(n, g, rng, cfg):
         for gi, present in enumerate(row):
             if rng.random() < (cfg["imdb_p_cue"] if present else cfg["imdb_p_false_cue"]):
                 words.insert(int(rng.integers(len(words) + 1)), _pick(IMDB_CUES[gi], rng))
-        texts.append(" ".join(add_noise_words(words, rng, max(0, int(rng.integers(lo, hi + 1)) - len(words)))))
+        extra = max(0, int(rng.integers(lo, hi + 1)) - len(words))
+        texts.append(" ".join(add_noise_words(words, rng, extra)))
     return images, texts, label, attrs
 
 
 def memes_label(h_t, target, flip):
-    """hateful = [h_t + h_i > 0.5] with h_i = +1 for a target subject, -1 otherwise; `flip` marks the noisy labels."""
+    """hateful = [h_t + h_i > 0.5], h_i = +1 for a target subject, else -1; `flip` marks noisy labels."""
     h_i = torch.where(target, 1, -1)
     return ((h_t + h_i > 0.5) ^ flip).long()
 
 
 def _memes(n, g, rng, cfg):
-    assert n % 2 == 0, "memes come in pairs of confounders: an even number of samples"
     half = n // 2
     subject = torch.randint(0, len(MEMES_SUBJECTS), (n,), generator=g)
     h_t = torch.randint(-2, 3, (n,), generator=g)
-    # the second half are confounders of the first: sibling i + half keeps base i's text (a new picture,
-    # a subject of the other kind) or its picture (a new text, the hostility across the decision line)
+    # sibling i + half is base i's confounder: its text with a subject of the other kind, or its picture
+    # with a hostility across the decision line
     same_text = torch.rand(half, generator=g) < 0.5
     base, sib = torch.arange(half), torch.arange(half) + half
     other_kind = (subject[base] + 3 + torch.randint(0, 3, (half,), generator=g)) % 6
     subject[sib] = torch.where(same_text, other_kind, subject[base])
-    h_t[sib] = torch.where(same_text, h_t[base], torch.where(h_t[base] >= 0, torch.randint(-2, 0, (half,), generator=g),
-                                                             torch.randint(1, 3, (half,), generator=g)))
+    crossed = torch.where(h_t[base] >= 0, torch.randint(-2, 0, (half,), generator=g),
+                          torch.randint(1, 3, (half,), generator=g))
+    h_t[sib] = torch.where(same_text, h_t[base], crossed)
     attrs = draw_attributes(n, g, cfg)
     lo, hi = cfg["memes_p_dark"]
-    attrs["dark"] = torch.rand(n, generator=g) < lo + (hi - lo) * (h_t + 2).float() / 4  # harsher pictures for harsher words
-    for k in attrs:  # a sibling shows what its text says: the base's count, size, region (and, same picture, its pixels)
+    attrs["dark"] = torch.rand(n, generator=g) < lo + (hi - lo) * (h_t + 2).float() / 4
+    # a sibling shows what its text says: the base's count, size, region (and, same picture, its pixels)
+    for k in attrs:
         attrs[k][sib] = attrs[k][base]
     attrs["colour"] = torch.tensor([c for _, c in MEMES_SUBJECTS])[subject]  # a subject's colour marks it
     motif = torch.tensor([m for m, _ in MEMES_SUBJECTS])[subject][:, None].expand(n, cfg["max_count"])
@@ -1679,11 +1316,11 @@ def _memes(n, g, rng, cfg):
         if i >= half and same_text[i - half]:
             texts.append(texts[i - half])
             continue
-        words = [w for w in describe(a, i, rng, cfg["p_mention"]) if w not in COLOUR_WORDS]  # the colour would name the subject
+        words = [w for w in describe(a, i, rng, cfg["p_mention"]) if w not in COLOUR_WORDS]
         words += [_pick(MEMES_TONE[h_t[i] + 2], rng) for _ in range(int(rng.integers(1, 4)))]
         texts.append(" ".join(add_noise_words(words, rng, int(rng.integers(1, 5)))))
     perm = torch.randperm(n, generator=g)  # siblings are not neighbours
-    sibling = torch.cat([sib, base])                                           # original index -> its sibling's
+    sibling = torch.cat([sib, base])
     attrs = {k: v[perm] for k, v in attrs.items()}
     attrs.update(subject=subject[perm], hostility=h_t[perm], sibling=perm.argsort()[sibling[perm]],
                  same_text=torch.cat([same_text, same_text])[perm])
@@ -1691,8 +1328,7 @@ def _memes(n, g, rng, cfg):
 
 
 def generate_image_text(seed=0, cfg=IT_EMBEDDED, quiet=None):
-    """{task: {split: {'images': uint8 (N, 3, S, S), 'texts': [str], 'label': (N,) long or (N, G) float,
-    per-sample attributes}}} for the three tasks, generated from `seed`."""
+    """{task: {split: {'images': uint8 (N, 3, S, S), 'texts', 'label', attributes}}} from `seed`."""
     out = {}
     makers = {"food": _food, "imdb": _imdb, "memes": _memes}
     bar = tqdm(total=9, desc="generating the embedded image-text benchmark", unit="split", dynamic_ncols=True,
@@ -1709,124 +1345,83 @@ def generate_image_text(seed=0, cfg=IT_EMBEDDED, quiet=None):
     return out
 
 
-def image_text_raw(seed=0, cache_dir=CACHE_DIR):
-    """The raw embedded image-text benchmark, generated once per seed and cached on disk."""
-    path = os.path.join(cache_dir, f"image_text_{it_embedded_id()}_seed{seed}.pt")
-    if path not in _RAW:
-        _RAW[path] = common.load_or_rebuild(path, lambda: generate_image_text(seed), valid=_is_raw_image_text)
-    return _RAW[path]
-
-
-def _is_raw_image_text(obj):
-    return isinstance(obj, dict) and all(
-        isinstance(obj.get(t), dict) and all(isinstance(obj[t].get(s), dict) and torch.is_tensor(obj[t][s].get("images"))
-                                             and isinstance(obj[t][s].get("texts"), list) for s in ("train", "val", "test"))
-        for t in IT_TASKS)
-
-
 def embedded_tokenizer():
-    """The embedded benchmark's word-level tokenizer (its own small vocabulary, CLIP's interface)."""
     return WordTokenizer(it_vocab())
 
 
-def embedded_image_text_split(task, split, image_size, context_length, tokenizer=None, seed=0, cache_dir=CACHE_DIR):
-    """One split of an embedded image-text task as AVTensors {'image', 'text', 'label', 'index'}: pictures
-    pre-processed as CLIP's (resize, centre crop, CLIP mean / std) to `image_size`, texts tokenised
-    (default: the embedded word tokenizer; pass a CLIPTokenizer for the published CLIP) to `context_length`."""
-    if task not in IT_TASKS:
-        raise DataError(f"unknown embedded image-text task {task!r}; choose one of {', '.join(IT_TASKS)}.")
-    raw = image_text_raw(seed, cache_dir)[task][split]
+def embedded_image_text_split(task, split, image_size, context_length, tokenizer=None, seed=0,
+                              cache_dir=CACHE_DIR):
+    """One split of an embedded image-text task as AVTensors {'image', 'text', 'label', 'index'}."""
+    need(task in IT_TASKS, f"Unknown embedded image-text task {task!r}; choose one of {', '.join(IT_TASKS)}.")
+    raw = embedded_raw(seed, cache_dir, image_text=True)[task][split]
     tokenizer = tokenizer or embedded_tokenizer()
-    key = ("it", task, split, seed, image_size)
+    key = ("it", task, split, seed, image_size, cache_dir)
     if key not in _CLEAN:
         _CLEAN[key] = frames_to_input(raw["images"], image_size, mean=CLIP_MEAN, std=CLIP_STD)
-    return AVTensors({"image": _CLEAN[key], "text": tokenizer(raw["texts"], context_length), "label": raw["label"]})
+    return AVTensors({"image": _CLEAN[key], "text": tokenizer(raw["texts"], context_length),
+                      "label": raw["label"]})
 
 
+# ---- Real files: the READ / Kinetics50-C / VGGSound-C layout -----------------------------------------------
+def visible_names(folder):
+    """The sorted names in `folder` (none if it is not a folder), hidden ones (starting with ".") left out."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith(".")) if os.path.isdir(folder) else []
 
-# ----------------------------------------------------------------------------------------------
-# The READ / Kinetics50-C / VGGSound-C file layout
-# ----------------------------------------------------------------------------------------------
+
 def check_input_file(path, what, hint):
-    """A DataError unless `path` is an existing file: says whether it is missing or a folder."""
-    if os.path.isdir(path):
-        raise DataError(f"{what} {path} is a folder, not a file; {hint}")
-    if not os.path.isfile(path):
-        raise DataError(f"{what} {path} does not exist; {hint}")
+    """Refuse unless `path` is an existing file, saying whether it is missing or a folder."""
+    need(not os.path.isdir(path), f"{what} {path} is a folder, not a file; {hint}")
+    need(os.path.isfile(path), f"{what} {path} does not exist; {hint}")
 
 
-def _read_text(path, what):
+def read_text(path, what, hint, parse_json=False):
+    """The text of an existing UTF-8 file (a spreadsheet's BOM dropped), or its JSON; refused otherwise."""
+    check_input_file(path, what, hint)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a spreadsheet's BOM is not a label
-            return f.read()
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+        return json.loads(text) if parse_json else text
     except UnicodeDecodeError:
-        raise DataError(f"{what} {path} is not UTF-8 text (a binary file?); pass the right file.") from None
+        raise Refusal(f"{what} {path} is not UTF-8 text (a binary file?); pass the right file.") from None
+    except json.JSONDecodeError as err:
+        raise Refusal(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}); {hint}") from None
 
 
 def read_label_csv(path):
-    """Label CSV `index,mid[,display_name]` (with a header row) -> {mid: index}; the indices must be 0..K-1."""
-    check_input_file(path, "label CSV", "pass the class_labels_indices_*.csv of your dataset.")
-    rows = [r for r in csv.reader(_read_text(path, "label CSV").splitlines()) if r and any(c.strip() for c in r)]
+    """Label CSV `index,mid[,display_name]` -> {mid: index}; indices 0..K-1, each once."""
+    text = read_text(path, "Label CSV", "pass the class_labels_indices_*.csv of your dataset.")
+    rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
     if rows and not rows[0][0].strip().isdigit():
         rows = rows[1:]  # header
-    if not rows:
-        raise DataError(f"label CSV {path} has no rows; expected lines `index,mid,display_name`.")
+    need(rows, f"Label CSV {path} has no rows; expected lines `index,mid,display_name`.")
     bad = next((r for r in rows if len(r) < 2 or not r[0].strip().isdigit() or not r[1].strip()), None)
-    if bad is not None:
-        raise DataError(f"label CSV {path} has the line {','.join(bad)!r}; every line needs `index,mid[,display_name]`.")
-    mids = [r[1].strip() for r in rows]
-    indices = [int(r[0]) for r in rows]
+    need(bad is None, f"Label CSV {path} has the line {','.join(bad or [])[:40]!r}; every line needs "
+         f"`index,mid[,display_name]`.")
+    mids, indices = [r[1].strip() for r in rows], [int(r[0]) for r in rows]
     twice = next((m for m in mids if mids.count(m) > 1), None)
-    if twice is not None:
-        raise DataError(f"label CSV {path} lists the label {twice!r} twice; every mid needs exactly one index.")
-    if sorted(indices) != list(range(len(rows))):
-        # the model's output k is class k: other indices would silently mislabel (or crash on) every clip
-        raise DataError(f"label CSV {path} has indices {_span(indices)}, not exactly 0..{len(rows) - 1} "
-                        f"(one per line, each once); renumber them from 0.")
+    need(twice is None, f"Label CSV {path} lists the label {twice!r} twice; give every mid one index.")
+    need(sorted(indices) == list(range(len(rows))),
+         f"Label CSV {path} has indices other than 0..{len(rows) - 1} (each once); renumber them from 0.")
     return dict(zip(mids, indices))
-
-
-def _span(values):
-    v = sorted(values)
-    return f"{v[0]}..{v[-1]}" + (" with repeats or gaps" if len(set(v)) != len(v) or v[-1] - v[0] + 1 != len(v) else "")
 
 
 ENTRY_FIELDS = ("video_id", "wav", "video_path", "labels")
 
 
 def read_json_list(path):
-    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> list of dicts (fields checked,
-    each video_id once)."""
-    check_input_file(path, "data list", "check the path (or --data-root) you passed.")
-    try:
-        obj = json.loads(_read_text(path, "data list"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); "
-                        f"READ's lists look like {{\"data\": [...]}}.") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
-        raise DataError(f"{path} is not a READ data list (a JSON object with a 'data' list of clips).")
-    entries = obj["data"]
-    if not entries:
-        raise DataError(f"data list {path} is empty; there is nothing to evaluate.")
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise DataError(f"entry {i} of {path} is {type(e).__name__} {str(e)[:40]!r}, not an object with "
-                            f"{', '.join(ENTRY_FIELDS)}.")
-        lacking = [k for k in ENTRY_FIELDS if k not in e]
-        if lacking:
-            raise DataError(f"an entry of {path} has no {lacking[0]!r} field ({str(e)[:80]}); READ's lists need "
-                            f"video_id, wav, video_path and labels.")
-        wrong = next((k for k in ENTRY_FIELDS if not isinstance(e[k], str) or not e[k].strip()), None)
-        if wrong is not None:
-            raise DataError(f"entry {i} of {path} has {wrong} = {e[wrong]!r}; every field of a clip is a non-empty "
-                            f"string (labels: comma-separated mids).")
-    first = {}
-    for i, e in enumerate(entries):  # a clip listed twice would be scored twice
-        if e["video_id"] in first:
-            raise DataError(f"{path} lists the clip {e['video_id']!r} twice (entries {first[e['video_id']]} and {i}); "
-                            f"remove one of them.")
-        first[e["video_id"]] = i
-    return entries
+    """READ's JSON {'data': [{'video_id', 'wav', 'video_path', 'labels'}, ...]} -> its checked list."""
+    obj = read_text(path, "Data list", "READ's lists look like {\"data\": [...]}.", parse_json=True)
+    need(isinstance(obj, dict) and isinstance(obj.get("data"), list),
+         f"{path} is not a READ data list (a JSON object with a 'data' list of clips); pass one.")
+    need(obj["data"], f"Data list {path} is empty; there is nothing to evaluate.")
+    seen = set()
+    for i, e in enumerate(obj["data"]):
+        need(isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ENTRY_FIELDS)
+             and all(e[k].strip() for k in ENTRY_FIELDS[:3]),
+             f"Entry {i} of {path} needs the strings {', '.join(ENTRY_FIELDS)} (only labels may be empty).")
+        need(e["video_id"] not in seen, f"{path} lists the clip {e['video_id']!r} twice; remove one of them.")
+        seen.add(e["video_id"])
+    return obj["data"]
 
 
 def frame_path(entry, index=5):
@@ -1839,53 +1434,48 @@ def frame_path(entry, index=5):
 
 
 def _check_image_header(path):
-    """A DataError unless the file starts like a JPEG or PNG (a cheap check at start; decoding is per batch)."""
+    """Refuse unless the file starts like a JPEG or PNG (decoding is per batch)."""
     with open(path, "rb") as f:
         head = f.read(8)
-    if not (head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n")):
-        raise DataError(f"{path} is not a JPEG or PNG image ({'empty' if not head else 'wrong first bytes'}); "
-                        f"replace or remove it.")
+    need(head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n"),
+         f"{path} is not a JPEG or PNG image ({'empty' if not head else 'wrong first bytes'}); replace or "
+         f"remove it.")
 
 
 class ReadLayoutDataset(torch.utils.data.Dataset):
-    """Clips listed in a READ JSON, pre-processed on the fly for a model's input sizes.
-
-    Clips whose WAV or every frame is missing are skipped, counted and reported once; a label not
-    in the CSV is an error (a wrong CSV would silently mislabel everything), and so is a clip with
-    several labels (the runs here are single-label; scoring the first would be silently wrong).
-    """
+    """Clips of a READ list, pre-processed per item; clips without a label, WAV or frame skipped."""
 
     def __init__(self, json_path, label_csv, mel_bins=128, target_length=1024, image_size=224,
                  frame_index=5, entries=None):
         entries = read_json_list(json_path) if entries is None else entries
         mid_to_index = read_label_csv(label_csv)
-        self.items, skipped = [], []
+        self.items, skipped, unlabelled = [], [], 0
         for e in entries:
-            mids = [m.strip() for m in str(e["labels"]).split(",") if m.strip()]
-            unknown = [m for m in mids if m not in mid_to_index]
-            if not mids or unknown:
-                raise DataError(f"clip {e.get('video_id')} in {json_path} has label {e['labels']!r}, which is not in "
-                                f"{label_csv}; use the label CSV that belongs to this data list.")
-            if len(mids) > 1:  # scoring against the first label alone would be a silently wrong accuracy
-                raise DataError(f"clip {e['video_id']} in {json_path} has {len(mids)} labels {e['labels']!r}, but these "
-                                f"runs are single-label (one class per clip); keep the one label to score it against.")
+            mids = [m.strip() for m in e["labels"].split(",") if m.strip()]
+            unknown = next((m for m in mids if m not in mid_to_index), None)
+            need(unknown is None, f"Clip {e['video_id']} in {json_path} has the label {unknown!r}, not in "
+                 f"{os.path.basename(label_csv)}; use the label CSV of this data list.")
+            need(len(mids) <= 1, f"Clip {e['video_id']} in {json_path} has {len(mids)} labels, but these "
+                 f"runs are single-label; keep the one label to score it against.")
             frame = frame_path(e, frame_index)
+            if not mids:
+                unlabelled += 1
+                continue
             if frame is None or not os.path.isfile(e["wav"]):
                 skipped.append(e["video_id"])
                 continue
-            _, _, rate, n = wav_info(e["wav"])  # header only: an empty, 0-channel or compressed WAV is named now
-            if n * SAMPLE_RATE < FBANK_WINDOW * rate:
-                raise DataError(f"{e['wav']} lasts {1000 * n / rate:.1f} ms, shorter than one 25 ms fbank window; "
-                                f"replace or remove it.")
+            _, _, rate, n = wav_info(e["wav"])  # the header now: a WAV this project cannot read is named
+            need(n * SAMPLE_RATE >= FBANK_WINDOW * rate, f"{e['wav']} lasts {1000 * n / rate:.1f} ms, "
+                 f"shorter than one 25 ms fbank window; replace or remove it.")
             _check_image_header(frame)
-            self.items.append((e["wav"], frame, mid_to_index[mids[0]]))  # the clip's one label
-        if skipped:
-            print(f"[data] skipped {len(skipped)} of {len(entries)} clips of {json_path} with a missing "
-                  f"WAV or frame (first: {skipped[0]})", file=sys.stderr)
-        if not self.items:
-            raise DataError(f"no clip of {json_path} has both its WAV and a frame on disk; check the paths in it.")
+            self.items.append((e["wav"], frame, mid_to_index[mids[0]]))
+        if skipped or unlabelled:
+            first = f" (first: {skipped[0]})" if skipped else ""
+            print(f"[data] {json_path}: skipped {len(skipped)} of {len(entries)} clips with a missing WAV or "
+                  f"frame{first} and {unlabelled} without a label", file=sys.stderr)
+        need(self.items, f"No clip of {json_path} has a label, its WAV and a frame on disk; check the paths.")
         self.mel_bins, self.target_length, self.image_size = mel_bins, target_length, image_size
-        self.skipped = len(skipped)
+        self.skipped = len(skipped) + unlabelled
 
     def __len__(self):
         return len(self.items)
@@ -1895,149 +1485,79 @@ class ReadLayoutDataset(torch.utils.data.Dataset):
         wav, sr = read_wav(wav_path)
         if sr != SAMPLE_RATE:
             wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
-        image = read_image(frame)
         return {"audio": wav_to_fbank(wav, self.mel_bins, self.target_length),
-                "video": frames_to_input(image.unsqueeze(0), self.image_size)[0],
+                "video": frames_to_input(read_image(frame).unsqueeze(0), self.image_size)[0],
                 "label": torch.tensor(label), "index": torch.tensor(i)}
 
 
 def read_layout_json(data_root, modality, corruption, severity):
-    """Where READ keeps a test list: <root>/clean/severity_0.json, <root>/<modality>/<corruption>/severity_<s>.json."""
+    """READ's test list: <root>/clean/severity_0.json or <root>/<modality>/<corruption>/severity_<s>.json."""
     if corruption is None:
         return os.path.join(data_root, "clean", "severity_0.json")
     return os.path.join(data_root, modality, corruption, f"severity_{severity}.json")
 
 
-def join_on_video_id(video_json, audio_json):
-    """The clips of both lists (video list's order): frames from the video list, the WAV from the audio list.
-    Clips in only one list are dropped, counted and reported per list; no clip in common is a DataError."""
-    vid, aud = read_json_list(video_json), {e["video_id"]: e["wav"] for e in read_json_list(audio_json)}
-    both = [{**e, "wav": aud[e["video_id"]]} for e in vid if e["video_id"] in aud]
-    if not both:
-        raise DataError(f"the video list {video_json} and the audio list {audio_json} share no video_id; "
-                        f"pass the lists made from the same clean list.")
-    only_video, only_audio = len(vid) - len(both), len(aud) - len(both)
-    if only_video or only_audio:
-        print(f"[data] --modality both: dropped {only_video} of {len(vid)} clips of {video_json} missing from the "
-              f"audio list and {only_audio} of {len(aud)} clips of {audio_json} missing from the video list",
-              file=sys.stderr)
-    return both
-
-
 def read_layout_split(data_root, label_csv, model, video_corruption=None, audio_corruption=None, severity=5):
-    """A READ-layout test set; with both corruptions, video frames of the one and WAVs of the other."""
+    """A READ-layout test set; with both corruptions, the clips in both lists (others counted)."""
     kw = dict(mel_bins=model.mel_bins, target_length=model.audio_length, image_size=model.image_size)
-    if video_corruption and audio_corruption:
-        both = join_on_video_id(read_layout_json(data_root, "video", video_corruption, severity),
-                                read_layout_json(data_root, "audio", audio_corruption, severity))
-        return ReadLayoutDataset(f"{video_corruption}+{audio_corruption}", label_csv, entries=both, **kw)
-    if video_corruption:
-        return ReadLayoutDataset(read_layout_json(data_root, "video", video_corruption, severity), label_csv, **kw)
-    if audio_corruption:
-        return ReadLayoutDataset(read_layout_json(data_root, "audio", audio_corruption, severity), label_csv, **kw)
-    return ReadLayoutDataset(read_layout_json(data_root, None, None, 0), label_csv, **kw)
+    video = read_layout_json(data_root, "video", video_corruption, severity)
+    audio = read_layout_json(data_root, "audio", audio_corruption, severity)
+    if not (video_corruption and audio_corruption):
+        return ReadLayoutDataset(video if video_corruption else audio, label_csv, **kw)  # none: clean
+    vid, wav_of = read_json_list(video), {e["video_id"]: e["wav"] for e in read_json_list(audio)}
+    both = [{**e, "wav": wav_of[e["video_id"]]} for e in vid if e["video_id"] in wav_of]
+    need(both, f"The video list and the audio list ({os.path.basename(audio)}) share no video_id; pass "
+         f"lists made from the same clean list.")
+    if len(both) < max(len(vid), len(wav_of)):
+        print(f"[data] --modality both: dropped {len(vid) - len(both)} of {len(vid)} clips of {video} "
+              f"missing from the audio list and {len(wav_of) - len(both)} of {len(wav_of)} clips of {audio} "
+              f"missing from the video list", file=sys.stderr)
+    return ReadLayoutDataset(f"{video_corruption}+{audio_corruption}", label_csv, entries=both, **kw)
 
 
-# ----------------------------------------------------------------------------------------------
-# Missing modalities (CMPT, AOEPT)
-# ----------------------------------------------------------------------------------------------
-MISSING_KINDS = ("none", "audio", "video", "both")
-
-
-def missing_masks(n, kind, rate, seed=0):
-    """Per-sample availability, fixed by `seed`: -> has_audio (n,), has_video (n,) bool.
-
-    kind 'audio': a `rate` fraction lacks audio; 'video': lacks video; 'both' (MAP's protocol):
-    rate/2 lack audio and another rate/2 lack video, none lack both; 'none': all complete.
-    """
-    if kind not in MISSING_KINDS:
-        raise ValueError(f"unknown missing kind {kind!r}; choose one of {MISSING_KINDS}")
-    if not 0 <= rate <= 1:
-        raise ValueError(f"a missing rate is a fraction in [0, 1], not {rate}")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)
-    has_a, has_v = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
-    if kind == "audio":
-        has_a[order[: round(rate * n)]] = False
-    elif kind == "video":
-        has_v[order[: round(rate * n)]] = False
-    elif kind == "both":
-        m = round(rate * n / 2)
-        has_a[order[:m]] = False
-        has_v[order[m: 2 * m]] = False
-    return has_a, has_v
-
-
-def with_missing(dataset, has_audio, has_video):
-    """Mark modalities missing: the missing input is replaced by zeros (CMPT's placeholder for audio
-    and video, applied to the model's input tensors) and has_audio / has_video are added.
-    In-memory AVTensors get new tensors; any other dataset (READ layout) is wrapped clip by clip."""
-    if not isinstance(dataset, AVTensors):
-        return MissingModalities(dataset, has_audio, has_video)
-    f = dataset.fields
-    audio = torch.where(has_audio[:, None, None], f["audio"], torch.zeros_like(f["audio"]))
-    video = torch.where(has_video[:, None, None, None], f["video"], torch.zeros_like(f["video"]))
-    return dataset.with_fields(audio=audio, video=video, has_audio=has_audio, has_video=has_video)
-
-
-class MissingModalities(torch.utils.data.Dataset):
-    """A dataset whose clips are read on demand, with modalities marked missing as `with_missing` does."""
-
-    def __init__(self, dataset, has_audio, has_video):
-        assert len(has_audio) == len(has_video) == len(dataset), "one availability flag per clip"
-        self.dataset, self.has_audio, self.has_video = dataset, has_audio, has_video
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        item = dict(self.dataset[i])
-        if not self.has_audio[i]:
-            item["audio"] = torch.zeros_like(item["audio"])
-        if not self.has_video[i]:
-            item["video"] = torch.zeros_like(item["video"])
-        return {**item, "has_audio": self.has_audio[i], "has_video": self.has_video[i]}
-
-
-# ----------------------------------------------------------------------------------------------
-# Image-text: tokenizers
-# ----------------------------------------------------------------------------------------------
-# Image-text batches (CLIP-style dual encoder; MAP, CMPT, AOEPT), dicts with named fields:
-#
-#     batch["image"]    (B, 3, H, W) float  CLIP-normalised (resize shorter side, centre crop, /255)
-#     batch["text"]     (B, C) long   [sot, tokens..., eot, 0, ...], C = context length
-#     batch["label"]    (B,) long (single-label, binary) or (B, K) float multi-hot (MM-IMDb)
-#     batch["index"]    (B,) long   position of the sample in its split
-#     batch["missing"]  (B,) long   only in missing-modality data: MAP's codes 0 complete,
-#                                   1 text missing, 2 image missing
-#
-# Two tokenizers share one interface (.sot, .eot, .vocab_size, .encode(text), tokenizer(texts, C)):
-# `CLIPTokenizer` is OpenAI CLIP's byte-level BPE (openai/CLIP `clip/simple_tokenizer.py`, written
-# again from its description) read from the user's `bpe_simple_vocab_16e6.txt.gz`; `WordTokenizer`
-# is a word-level vocabulary for the embedded synthetic benchmark. Both put the end token at the
-# LARGEST id, so a text encoder that pools at argmax(ids) (CLIP) finds it.
-#
-# Deviations (each marked `# DEVIATION:` below):
-# - CLIP cleans text with ftfy.fix_text first (repairs mojibake such as "cafÃ©"); ftfy is not
-#   available here, so text is used as given (html.unescape twice, whitespace, lower-case only).
-# - CLIP splits words with the `regex` module's \p{L} (letters) and \p{N} (numbers); `re` lacks
-#   them. Letters become [^\W\d_] (word characters minus decimal digits and "_"), numbers \d
-#   (decimal digits), the rest (?:[^\s\w]|_)+ (runs of what is neither space, letter nor digit,
-#   "_" included, as in CLIP). Identical on ASCII and on letters and decimal digits of every
-#   script; non-decimal numerals (superscripts, fractions, Roman numeral signs) join the letter
-#   run instead of standing alone as \p{N} does.
-BPE_MERGES_USED = 49152 - 256 - 2  # CLIP reads lines 1 .. 48,894 of the merges file (line 0: version)
+# ---- Image-text: tokenizers --------------------------------------------------------------------------------
+# `CLIPTokenizer` (openai/CLIP `clip/simple_tokenizer.py`, written again from its description, read from
+# `bpe_simple_vocab_16e6.txt.gz`) and `WordTokenizer` (the embedded vocabulary) share one interface (.sot,
+# .eot, .vocab_size, .encode, tokenizer(texts, C) -> (N, C)); both give the end token the largest id, where
+# CLIP pools (argmax(ids)). Against OpenAI's tokenizer (ftfy, regex, the published merges file): the same ids
+# for all 52,651 non-ASCII lines of the translations Django 5.2 and Sphinx 9.0 ship (93.1% before).
+BPE_MERGES_USED = 49152 - 256 - 2  # OpenAI's loader reads lines 1 .. 48,894 of the merges file
 SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
-# DEVIATION: \p{L} -> [^\W\d_], \p{N} -> \d, [^\s\p{L}\p{N}]+ -> (?:[^\s\w]|_)+ (see above)
-CLIP_SPLIT = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
-                        re.IGNORECASE)
+
+
+def numerals():
+    """The characters of Nl and No (non-decimal numbers) as the body of a `re` class."""
+    runs = []
+    for c in map(chr, range(sys.maxunicode + 1)):
+        if c.isnumeric() and not c.isdecimal() and not c.isalpha():
+            if runs and ord(runs[-1][1]) == ord(c) - 1:
+                runs[-1][1] = c
+            else:
+                runs.append([c, c])
+    return "".join(f"{first}-{last}" for first, last in runs)
+
+
+# \p{N}: decimal digits (`\d`) and NUMERALS; \p{L}: the word characters (`\w`) that are neither, nor "_"
+NUMERALS = numerals()
+# DEVIATION: `re` has no \p{L} / \p{N}: [^\W\d_NUMERALS] / [\dNUMERALS] from Python's Unicode tables (may lag
+# the `regex` module's); marks (M*) fall in the runs of other characters, as in CLIP
+CLIP_SPLIT = re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_{NUMERALS}]+|"
+                        rf"[\d{NUMERALS}]|(?:[^\s\w]|_)+", re.IGNORECASE)
+# ftfy.fix_text's character fixes as one str.translate table: full- and half-width forms to standard width,
+# Latin ligatures split, C1 controls read as Windows-1252, curly quotes straightened, invisible controls
+# removed
+FTFY_TABLE = {
+    **{c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)}, 0x3000: " ",
+    **{ord(c): unicodedata.normalize("NFKC", c) for c in "ĲĳǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬆ"}, 0x0149: "'n", 0xFB05: "ſt",
+    **{c: bytes([c]).decode("cp1252", "ignore") or chr(c) for c in range(0x80, 0xA0)},
+    **{c: "'" for c in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)}, **{c: '"' for c in range(0x201C, 0x2020)},
+    **{c: None for c in (*range(0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                         *range(0xFFF9, 0xFFFD))},
+}
 
 
 def bytes_to_unicode():
-    """CLIP's / GPT-2's table byte -> printable character: the 188 printable bytes ('!'..'~', '¡'..'¬',
-    '®'..'ÿ') map to themselves, the other 68 (control, space, ...) to chr(256), chr(257), ... in byte
-    order. The table's order is CLIP's vocabulary order: the printable bytes first ('!' is id 0),
-    then the 68 others."""
+    """CLIP's / GPT-2's table byte -> printable character, in CLIP's vocabulary order."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     table = {b: chr(b) for b in printable}
@@ -2047,17 +1567,18 @@ def bytes_to_unicode():
 
 
 def clean_text(text):
-    """CLIP's clean-up: html.unescape twice, whitespace runs -> one space, stripped, lower-cased."""
-    # DEVIATION: CLIP calls ftfy.fix_text(text) first; ftfy is not available (see the section comment)
+    """CLIP's clean-up: ftfy.fix_text's steps, html.unescape twice, whitespace runs -> one, lower-cased."""
+    # DEVIATION: ftfy.fix_text's defaults with the standard library; mojibake ("cafÃ©") is not repaired
+    if "<" not in text:  # ftfy decodes HTML entities (again while any is left) unless the text holds '<'
+        text = html.unescape(html.unescape(text))
+    text = unicodedata.normalize("NFC", text.translate(FTFY_TABLE).translate(FTFY_TABLE))
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
 def pad_token_ids(ids_per_text, sot, eot, context_length):
-    """[[ids...], ...] -> (N, C) long: [sot] + ids + [eot], zero-padded; a text too long is cut to C
-    and its last position set to eot (CLIP's tokenize(truncate=True))."""
-    if not ids_per_text:
-        raise DataError("no texts were given to tokenize; pass a non-empty list of strings.")
+    """[[ids...], ...] -> (N, C) long [sot] + ids + [eot], zero-padded; cut to C with eot last."""
+    need(ids_per_text, "No texts were given to tokenize; pass a non-empty list of strings.")
     out = torch.zeros(len(ids_per_text), context_length, dtype=torch.long)  # (N, C)
     for row, ids in enumerate(ids_per_text):
         ids = [sot] + ids + [eot]
@@ -2069,19 +1590,14 @@ def pad_token_ids(ids_per_text, sot, eot, context_length):
 
 
 class CLIPTokenizer:
-    """OpenAI CLIP's byte-level BPE from its merges file (`bpe_simple_vocab_16e6.txt.gz`).
-
-    Vocabulary, in id order: the 256 byte characters (`bytes_to_unicode`), the same with `</w>`
-    (end of word), one entry per merge (the two symbols joined), `<|startoftext|>`, `<|endoftext|>`:
-    256 + 256 + 48,894 + 2 = 49,408 for the real file.
-    """
+    """OpenAI CLIP's byte-level BPE: bytes, bytes + `</w>`, merges, start, end (49,408 ids)."""
 
     def __init__(self, path):
         merges = self._read_merges(path)
         self.byte_encoder = bytes_to_unicode()
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT_TEXT, EOT_TEXT]
-        self.encoder = {token: i for i, token in enumerate(vocab)}  # later duplicates win, as dict(zip()) in CLIP
+        self.encoder = {token: i for i, token in enumerate(vocab)}  # later duplicates win, as in CLIP
         self.bpe_ranks = {m: rank for rank, m in enumerate(merges)}
         self.sot, self.eot = self.encoder[SOT_TEXT], self.encoder[EOT_TEXT]
         self.vocab_size = len(vocab)
@@ -2089,34 +1605,27 @@ class CLIPTokenizer:
 
     @staticmethod
     def _read_merges(path):
-        hint = "pass CLIP's bpe_simple_vocab_16e6.txt.gz (openai/CLIP, clip/)."
+        """The merges as OpenAI's loader reads them: line 0 skipped, then up to 48,894 merges."""
+        hint = "pass CLIP's bpe_simple_vocab_16e6.txt.gz"
         check_input_file(path, "BPE merges file", hint)
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with gzip.open(path, "rb") as f:
-                lines = f.read().decode("utf-8").split("\n")
-        except (OSError, EOFError, zlib.error):
-            raise DataError(f"BPE merges file {path} is not gzip-compressed (or is truncated); {hint}") from None
-        except UnicodeDecodeError:
-            raise DataError(f"BPE merges file {path} is not UTF-8 text inside its gzip; {hint}") from None
-        if not lines[0].startswith("#version"):
-            raise DataError(f"BPE merges file {path} does not start with the '#version' header line of CLIP's "
-                            f"file; {hint}")
-        merges = []
-        for number, line in enumerate(lines[1:BPE_MERGES_USED + 1], start=1):
-            parts = line.split()
-            if not parts and number == len(lines) - 1:
-                break  # the file's final newline
-            if len(parts) != 2:
-                raise DataError(f"line {number} of BPE merges file {path} is {line[:60]!r}, not two "
-                                f"space-separated symbols; {hint}")
-            merges.append(tuple(parts))
-        if not merges:
-            raise DataError(f"BPE merges file {path} has no merges after its header line; {hint}")
+            text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError):
+            raise Refusal(f"BPE merges file {path} is not UTF-8 text, gzipped or plain; {hint}.") \
+                from None
+        lines = text.split("\n")[1:BPE_MERGES_USED + 1]
+        if lines and not lines[-1]:
+            lines.pop()  # the final newline of a file shorter than CLIP's
+        merges = [tuple(line.split()) for line in lines]
+        bad = next((n for n, merge in enumerate(merges, start=1) if len(merge) != 2), 0)
+        need(not bad, f"line {bad} of BPE merges file {path} is not a merge (two symbols); {hint}.")
+        need(merges, f"BPE merges file {path} has no merges after its first line; {hint}.")
         return merges
 
     def bpe(self, word):
-        """One word (byte characters) -> its BPE symbols joined by spaces: merge the lowest-ranked
-        adjacent pair until no listed pair is left. The last character carries `</w>`."""
+        """One word -> its BPE symbols: merge the lowest-ranked adjacent pair until none is listed."""
         if word in self.cache:
             return self.cache[word]
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
@@ -2146,19 +1655,14 @@ class CLIPTokenizer:
         return ids
 
     def __call__(self, texts, context_length=77):
-        """A list of N strings -> (N, context_length) long ids."""
         return pad_token_ids([self.encode(t) for t in texts], self.sot, self.eot, context_length)
 
 
 class WordTokenizer:
-    """A word-level vocabulary with CLIPTokenizer's interface, for the embedded benchmark:
-    id 0 padding, 1 .. W the given words in order, W + 1 start, W + 2 end (the largest id)."""
+    """The embedded vocabulary with CLIPTokenizer's interface: 0 pad, 1 .. W words, W + 1 sot, W + 2 eot."""
 
     def __init__(self, words):
         words = [w.lower() for w in words]
-        twice = next((w for w in words if words.count(w) > 1), None)
-        if twice is not None:
-            raise DataError(f"the word {twice!r} is listed twice in the vocabulary; list every word once.")
         self.words = words
         self.encoder = {w: i + 1 for i, w in enumerate(words)}
         self.sot, self.eot = len(words) + 1, len(words) + 2
@@ -2168,47 +1672,28 @@ class WordTokenizer:
         """A string -> word ids (lower-cased, split on whitespace; no start / end tokens)."""
         ids = []
         for word in text.lower().split():
-            if word not in self.encoder:
-                raise DataError(f"the word {word!r} of the text {text[:60]!r} is not in the vocabulary; "
-                                f"add it to the word list or fix the text.")
+            need(word in self.encoder, f"The word {word!r} of the text {text[:60]!r} is not in the "
+                 f"vocabulary; add it to the word list or fix the text.")
             ids.append(self.encoder[word])
         return ids
 
     def __call__(self, texts, context_length=77):
-        """A list of N strings -> (N, context_length) long ids."""
         return pad_token_ids([self.encode(t) for t in texts], self.sot, self.eot, context_length)
 
 
-# ----------------------------------------------------------------------------------------------
-# Image-text: real datasets (MM-IMDb, UPMC Food-101, Hateful Memes in their published layouts)
-# ----------------------------------------------------------------------------------------------
-# Read straight from the raw files (MAP converts them to Arrow tables first; we do not). Every file
-# is checked when the dataset is built (exists, is a JPEG/PNG by its first bytes, labels valid), so a
-# bad file is named before any training; images are decoded and pre-processed per item.
-#
-#   MM-IMDb        <root>/images/<id>.jpeg, <root>/labels/<id>.json {"plot": [str, ...], "genres": [...]},
+# ---- Image-text: real datasets (MM-IMDb, UPMC Food-101, Hateful Memes in their published layouts) ----------
+# Pictures follow AOEPT's public CLIP pipeline (core/model/Base/base_data.py, Unified/Unified_data.py): PIL's
+# Image.open(path).convert("RGB") (alpha dropped, not composited; palette looked up; before any resize), then
+# Hugging Face's CLIPImageProcessor of openai/clip-vit-base-patch16 (use_fast=False): shorter side to 224 by
+# PIL's bicubic resize, centre crop, /255, CLIP mean / std. `read_image` + `clip_preprocess` match it within
+# one grey level (transformers 4.57.6, Pillow 13.0; RGB, grey, CMYK JPEG, RGBA, palette, grey+alpha, 16-bit
+# PNGs). OpenAI's `preprocess` differs: it resizes before convert("RGB") and rounds the crop's offsets.
+# The raw files are read (MAP converts them to Arrow tables first) and checked when a split is built:
+#   MM-IMDb        <root>/images/<id>.jpeg, <root>/labels/<id>.json {"plot": [...], "genres": [...]},
 #                  <root>/split.json {"train", "dev", "test": [id, ...]}; 23 genres, multi-label
 #   UPMC Food-101  <root>/images/{train,test}/<class>/<file>.jpg, <root>/texts/{train,test}_titles.csv
-#                  (rows: image file name, text, class; no header); 101 classes = sorted folders
-#   Hateful Memes  <root>/img/<id>.png, <root>/{train,dev_seen,test_seen}.jsonl (one object a line:
-#                  id, img ("img/<id>.png"), label 0/1, text)
-#
-# Deviations (each marked `# DEVIATION:` below):
-# - MM-IMDb: MAP's writer (vilt/utils/write_mmimdb.py, single_plot=False by default) makes one sample
-#   per plot of a movie (a movie with two plots appears twice); we take the first plot (MAP's
-#   single_plot=True), one sample per movie, so the splits have the published sizes
-#   15,552 / 2,608 / 7,799 and a missing table has one entry per movie.
-# - MM-IMDb: the label files also list IMDb genres that MM-IMDb dropped (Adult, News, Reality-TV,
-#   Talk-Show, as AOEPT's preprocess_datasets.py names them); MAP and AOEPT ignore every genre outside
-#   the 23. We ignore those four and refuse any other (a label file of another dataset would
-#   otherwise lose its labels silently).
-# - Food-101: MAP ships its own split.json (61,142 train / 6,846 val, both from the train CSV; AOEPT
-#   reuses it) and a class_idx.json in an unsorted order; neither is shipped here. With MAP's
-#   split.json copied to <root>/split.json its train / val lists of image file names are used;
-#   without it val is a fixed 10% of the train rows drawn with torch.Generator seed
-#   FOOD101_VAL_SEED, train the other 90%. Classes are sorted (not MAP's class_idx.json order).
-# - Hateful Memes: MAP reads dev.jsonl / test.jsonl (test_seen.jsonl renamed, DATA.md); we read
-#   dev_seen.jsonl and test_seen.jsonl by their published names.
+#                  (rows: image file name, text, class); 101 classes = sorted folders
+#   Hateful Memes  <root>/img/<id>.png, <root>/{train,dev_seen,test_seen}.jsonl (id, img, label 0/1, text)
 MMIMDB_GENRES = ("Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
                  "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
                  "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir")  # MAP's order
@@ -2220,7 +1705,8 @@ IMAGE_TEXT_TASKS = {
 }
 IMAGE_TEXT_SPLITS = {  # our split -> the dataset's own name for it
     "mmimdb": {"train": "train", "val": "dev", "test": "test"},
-    "food101": {"train": "train", "val": "train", "test": "test"},  # val: 10% of the train CSV
+    "food101": {"train": "train", "val": "val", "test": "test"},  # val: MAP's split.json or 10% of train
+    # DEVIATION: MAP reads dev.jsonl / test.jsonl (test_seen.jsonl renamed); we read the published names
     "hatememes": {"train": "train", "val": "dev_seen", "test": "test_seen"},
 }
 FOOD101_VAL_FRACTION, FOOD101_VAL_SEED = 0.1, 0
@@ -2228,31 +1714,29 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def clip_preprocess(image, size=224):
-    """uint8 (3, h, w) -> (3, size, size) float: CLIP's resize of the shorter side (bicubic), centre
-    crop, /255, CLIP mean / std."""
-    return frames_to_input(image.unsqueeze(0), size, mean=CLIP_MEAN, std=CLIP_STD)[0]
-
-
-def _read_json_file(path, what, hint):
-    check_input_file(path, what, hint)
-    try:
-        return json.loads(_read_text(path, what))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}); {hint}") from None
-
-
-def _check_image_file(path, what):
-    check_input_file(path, what, "put the image there or remove the sample from the split files.")
-    _check_image_header(path)
+    """uint8 (3, h, w) RGB -> (3, size, size) as CLIPImageProcessor: PIL bicubic, rounded, centre crop."""
+    h, w = image.shape[-2:]
+    long_side = int(size * max(h, w) / min(h, w))
+    new_h, new_w = (long_side, size) if w <= h else (size, long_side)
+    x = image.float()
+    for shape in ((h, new_w), (new_h, new_w)):
+        if tuple(x.shape[-2:]) != shape:
+            x = TF.resize(x, list(shape), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            x = (x + 0.5).floor().clamp(0, 255)  # PIL rounds halves up
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, top:top + size, left:left + size] / 255
+    mean, std = (torch.tensor(v)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
 
 
 class ImageTextFiles(torch.utils.data.Dataset):
-    """Samples (image path, text, label) read lazily: each item is {'image': (3, S, S) CLIP-normalised,
-    'text': (C,) ids, 'label', 'index'}. `ids` names each sample in the dataset's own terms."""
+    """Image-text samples read per item; an id listed twice is refused (it would be scored twice)."""
 
     def __init__(self, name, ids, image_paths, texts, labels, tokenizer, image_size=224, context_length=77):
-        if not ids:
-            raise DataError(f"{name} has no samples; check the data root and the split you asked for.")
+        need(ids, f"{name} has no samples; check the data root and the split you asked for.")
+        seen = set()
+        twice = next((i for i in ids if i in seen or seen.add(i)), None)
+        need(twice is None, f"{name} lists the sample {twice!r} twice; remove one of them.")
         self.name, self.ids, self.image_paths, self.texts = name, list(ids), list(image_paths), list(texts)
         # single-label / binary: (N,) long; multi-label: (N, K) float multi-hot
         self.labels = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], list) else torch.long)
@@ -2267,145 +1751,128 @@ class ImageTextFiles(torch.utils.data.Dataset):
                 "label": self.labels[i], "index": torch.tensor(i)}
 
 
+def _image(path, where):
+    """`path`, refused unless it exists and starts like a JPEG or PNG."""
+    need(os.path.isfile(path), f"{where} names the image {path}, which does not exist; restore it or remove "
+         f"the sample.")
+    _check_image_header(path)
+    return path
+
+
 def mmimdb_samples(root, split):
-    """MM-IMDb split 'train' / 'dev' / 'test' -> (ids, image paths, first plots, multi-hot lists of 23)."""
-    split_path = os.path.join(root, "split.json")
-    hint = "MM-IMDb's split.json maps 'train', 'dev' and 'test' to lists of movie ids."
-    splits = _read_json_file(split_path, "MM-IMDb split file", hint)
-    if not isinstance(splits, dict) or not isinstance(splits.get(split), list):
-        raise DataError(f"{split_path} has no list {split!r}; {hint}")
-    if not splits[split]:
-        raise DataError(f"the {split!r} list of {split_path} is empty; use the split.json of MM-IMDb.")
-    genre_index = {g: k for k, g in enumerate(MMIMDB_GENRES)}
-    ids, paths, texts, labels = [], [], [], []
-    for movie in map(str, splits[split]):
-        image = os.path.join(root, "images", f"{movie}.jpeg")
+    """MM-IMDb split -> (ids, images, first plots, multi-hot genres); a film with none is skipped."""
+    split_path, hint = os.path.join(root, "split.json"), "pass the folder that holds MM-IMDb's split.json."
+    movies = read_text(split_path, "MM-IMDb split file", hint, parse_json=True)
+    movies = movies.get(split) if isinstance(movies, dict) else None
+    need(isinstance(movies, list) and movies, f"{split_path} has no non-empty list {split!r}; {hint}")
+    genre_index = {g.lower(): k for k, g in enumerate(MMIMDB_GENRES)}
+    dropped = {g.lower() for g in MMIMDB_DROPPED_GENRES}
+    ids, paths, texts, labels, unlabelled = [], [], [], [], []
+    for movie in map(str, movies):
+        image = _image(os.path.join(root, "images", f"{movie}.jpeg"), f"Movie {movie} of split.json")
         label_path = os.path.join(root, "labels", f"{movie}.json")
-        if not os.path.isfile(image) or not os.path.isfile(label_path):
-            lacking = image if not os.path.isfile(image) else label_path
-            raise DataError(f"movie {movie} of the {split!r} list of {split_path} has no file {lacking}; "
-                            f"restore it from MM-IMDb or use the split.json that belongs to these files.")
-        _check_image_header(image)
-        meta = _read_json_file(label_path, "MM-IMDb label file", "it should hold 'plot' and 'genres' lists.")
+        meta = read_text(label_path, "MM-IMDb label file", "it holds 'plot' and 'genres'.", parse_json=True)
         plots, genres = (meta.get("plot"), meta.get("genres")) if isinstance(meta, dict) else (None, None)
-        if not isinstance(plots, list) or not plots or not all(isinstance(p, str) for p in plots) \
-                or not isinstance(genres, list):
-            raise DataError(f"MM-IMDb label file {label_path} needs a non-empty 'plot' list of strings and a "
-                            f"'genres' list; restore it from MM-IMDb.")
-        unknown = [g for g in genres if g not in genre_index and g not in MMIMDB_DROPPED_GENRES]
-        if unknown:
-            raise DataError(f"MM-IMDb label file {label_path} has the genre {unknown[0]!r}, not one of the 23 "
-                            f"of MM-IMDb ({', '.join(MMIMDB_GENRES)}); fix or remove the file.")
-        multi_hot = [0.0] * len(MMIMDB_GENRES)
-        for g in genres:
-            if g in genre_index:
-                multi_hot[genre_index[g]] = 1.0
+        need(isinstance(plots, list) and plots and all(isinstance(p, str) for p in plots)
+             and isinstance(genres, list) and all(isinstance(g, str) for g in genres),
+             f"MM-IMDb label file {label_path} needs a non-empty 'plot' list and a 'genres' list of strings.")
+        # DEVIATION: MAP and AOEPT ignore every genre outside the 23; we ignore only the four MM-IMDb dropped
+        # (AOEPT's preprocess_datasets.py) and refuse others (another dataset's file would lose its labels)
+        unknown = next((g for g in genres if g.lower() not in genre_index and g.lower() not in dropped), None)
+        close = ", ".join(difflib.get_close_matches(str(unknown), MMIMDB_GENRES, n=3, cutoff=0.5)) or "none"
+        need(unknown is None, f"MM-IMDb label file {label_path} has the genre {unknown!r}, not one of the 23 "
+             f"(closest: {close}); fix or remove the file.")
+        lowered = {g.lower() for g in genres}
+        multi_hot = [float(g.lower() in lowered) for g in MMIMDB_GENRES]
+        if not any(multi_hot):
+            unlabelled.append(movie)
+            continue
         ids.append(movie)
         paths.append(image)
-        texts.append(plots[0])  # DEVIATION: MAP makes one sample per plot; we take the first (see above)
+        # DEVIATION: MAP makes one sample per plot (single_plot=False); we take the first plot, one sample
+        # per film, so the splits have the published sizes 15,552 / 2,608 / 7,799
+        texts.append(plots[0])
         labels.append(multi_hot)
+    if unlabelled:
+        print(f"[data] MM-IMDb {split}: skipped {len(unlabelled)} of {len(movies)} films without a genre of "
+              f"the 23 (first: {unlabelled[0]})", file=sys.stderr)
     return ids, paths, texts, labels
 
 
 def food101_classes(root):
-    """The 101 class names: the sorted folder names of <root>/images/train."""
+    """The class names: the sorted visible folder names of <root>/images/train."""
     folder = os.path.join(root, "images", "train")
-    if not os.path.isdir(folder):
-        raise DataError(f"UPMC Food-101 image folder {folder} does not exist; pass the folder that holds "
-                        f"images/ and texts/ as the data root.")
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if not classes:
-        raise DataError(f"UPMC Food-101 image folder {folder} has no class folders; unpack the images there.")
+    classes = [d for d in visible_names(folder) if os.path.isdir(os.path.join(folder, d))]
+    need(classes, f"UPMC Food-101 image folder {folder} has no class folders; pass the folder that holds "
+         f"images/ and texts/ as the data root.")
     return classes
 
 
 def food101_samples(root, split):
     """UPMC Food-101 'train' / 'val' / 'test' -> (file names, image paths, texts, class indices)."""
-    classes = food101_classes(root)
-    class_index = {c: k for k, c in enumerate(classes)}
+    class_index = {c: k for k, c in enumerate(food101_classes(root))}
     csv_split = "test" if split == "test" else "train"
     csv_path = os.path.join(root, "texts", f"{csv_split}_titles.csv")
-    check_input_file(csv_path, "UPMC Food-101 text file", "it lists `image file name,text,class` per line.")
-    rows = [r for r in csv.reader(_read_text(csv_path, "UPMC Food-101 text file").splitlines()) if r]
+    text = read_text(csv_path, "UPMC Food-101 text file", "it lists `image file name,text,class` per line.")
+    rows = [r for r in csv.reader(text.splitlines()) if r]
     if rows and not rows[0][0].strip().lower().endswith(IMAGE_SUFFIXES):
         rows = rows[1:]  # a header line (some copies have one)
-    if not rows:
-        raise DataError(f"UPMC Food-101 text file {csv_path} has no rows; restore it from UPMC Food-101.")
+    need(rows, f"UPMC Food-101 text file {csv_path} has no rows; restore it from UPMC Food-101.")
     ids, paths, texts, labels = [], [], [], []
     for number, row in enumerate(rows, start=1):
-        if len(row) < 3:
-            raise DataError(f"row {number} of {csv_path} is {','.join(row)[:60]!r}; every row needs "
-                            f"`image file name,text,class`.")
+        where = f"row {number} of {csv_split}_titles.csv"
+        need(len(row) >= 3, f"{where} is {','.join(row)[:60]!r}; every row needs `file name,text,class`.")
         # the text may hold unquoted commas: the first field is the file, the last the class
-        file, text, cls = row[0].strip(), ",".join(row[1:-1]), row[-1].strip()
-        if cls not in class_index:
-            raise DataError(f"row {number} of {csv_path} has the class {cls!r}, which has no folder in "
-                            f"{os.path.join(root, 'images', 'train')}; fix the row or add the folder.")
-        image = os.path.join(root, "images", csv_split, cls, file)
-        if not os.path.isfile(image):
-            raise DataError(f"row {number} of {csv_path} names the image {image}, which does not exist; "
-                            f"restore the image or remove the row.")
-        _check_image_header(image)
+        file, cls = row[0].strip(), row[-1].strip()
+        need(cls in class_index, f"{where} has the class {cls!r}, which has no folder in "
+             f"{os.path.join(root, 'images', 'train')}; fix the row or add the folder.")
         ids.append(file)
-        paths.append(image)
-        texts.append(text)
+        paths.append(_image(os.path.join(root, "images", csv_split, cls, file), where))
+        texts.append(",".join(row[1:-1]))
         labels.append(class_index[cls])
+    if split == "test":
+        return ids, paths, texts, labels
     map_split = os.path.join(root, "split.json")
-    if split != "test" and os.path.isfile(map_split):  # MAP's split file: its lists of image file names
+    if os.path.isfile(map_split):  # MAP's split file: its lists of image file names
         hint = "MAP's Food101/split.json maps 'train', 'val', 'test' to lists of image file names."
-        lists = _read_json_file(map_split, "UPMC Food-101 split file", hint)
-        if not isinstance(lists, dict) or not isinstance(lists.get(split), list) or not lists[split]:
-            raise DataError(f"{map_split} has no non-empty list {split!r}; {hint}")
+        lists = read_text(map_split, "UPMC Food-101 split file", hint, parse_json=True)
+        chosen = lists.get(split) if isinstance(lists, dict) else None
+        need(isinstance(chosen, list) and chosen, f"{map_split} has no non-empty list {split!r}; {hint}")
         row_of = {file: i for i, file in enumerate(ids)}
-        absent = next((f for f in lists[split] if f not in row_of), None)
-        if absent is not None:
-            raise DataError(f"{map_split} lists {absent!r} in {split!r}, which is not a row of {csv_path}; "
-                            f"use the split.json that belongs to this copy of UPMC Food-101, or remove it.")
-        keep = [row_of[f] for f in lists[split]]
-        ids, paths, texts, labels = ([v[i] for i in keep] for v in (ids, paths, texts, labels))
-    elif split != "test":
-        # DEVIATION: MAP's fixed val list is not shipped; a seeded 10% of the train rows (see above)
-        g = torch.Generator().manual_seed(FOOD101_VAL_SEED)
-        order = torch.randperm(len(ids), generator=g)
+        absent = next((f for f in chosen if f not in row_of), None)
+        need(absent is None, f"{map_split} lists {absent!r} in {split!r}, which is not a row of "
+             f"train_titles.csv; use the split.json of this copy of UPMC Food-101.")
+        keep = [row_of[f] for f in chosen]
+    else:
+        # DEVIATION: without MAP's split.json (copy it to <root>/split.json to use it) val is a seeded 10% of
+        # the train rows, train the rest; classes are sorted, not in MAP's class_idx.json order
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(FOOD101_VAL_SEED))
         n_val = round(FOOD101_VAL_FRACTION * len(ids))
         keep = sorted(order[:n_val].tolist() if split == "val" else order[n_val:].tolist())
-        ids, paths, texts, labels = ([v[i] for i in keep] for v in (ids, paths, texts, labels))
-    return ids, paths, texts, labels
-
-
-HATEMEMES_FIELDS = ("id", "img", "label", "text")
+    return tuple([v[i] for i in keep] for v in (ids, paths, texts, labels))
 
 
 def hatememes_samples(root, split):
     """Hateful Memes 'train' / 'dev_seen' / 'test_seen' -> (ids, image paths, texts, labels 0/1)."""
     path = os.path.join(root, f"{split}.jsonl")
-    check_input_file(path, "Hateful Memes list", "Hateful Memes has train.jsonl, dev_seen.jsonl and test_seen.jsonl.")
+    text = read_text(path, "Hateful Memes list", "Hateful Memes has train, dev_seen and test_seen.jsonl.")
     ids, paths, texts, labels = [], [], [], []
-    for number, line in enumerate(_read_text(path, "Hateful Memes list").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"line {number} of {split}.jsonl"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"line {number} of {path} is not valid JSON ({err.msg}); each line is one object "
-                            f"with {', '.join(HATEMEMES_FIELDS)}.") from None
-        if not isinstance(entry, dict):
-            raise DataError(f"line {number} of {path} is not a JSON object; each line is one object "
-                            f"with {', '.join(HATEMEMES_FIELDS)}.")
-        if "label" not in entry:
-            raise DataError(f"line {number} of {path} has no 'label' (the unlabelled test.jsonl of the challenge?); "
-                            f"evaluate on test_seen.jsonl, which carries the labels.")
-        lacking = [k for k in HATEMEMES_FIELDS if k not in entry]
-        if lacking or entry["label"] not in (0, 1) or isinstance(entry["label"], bool):
-            what = f"no {lacking[0]!r}" if lacking else f"label {entry['label']!r}"
-            raise DataError(f"line {number} of {path} has {what}; each line needs id, img, label (0 or 1) and text.")
-        image = os.path.join(root, str(entry["img"]))
-        if not os.path.isfile(image):
-            raise DataError(f"line {number} of {path} names the image {image}, which does not exist; "
-                            f"put the img/ folder next to {os.path.basename(path)}.")
-        _check_image_header(image)
+            raise Refusal(f"{where} is not valid JSON ({err.msg}); each line is one object with id, img, "
+                          f"label and text.") from None
+        need(not isinstance(entry, dict) or "label" in entry, f"{where} has no 'label' (the challenge's "
+             f"unlabelled test.jsonl?); evaluate on test_seen.jsonl, which carries the labels.")
+        need(isinstance(entry, dict) and all(k in entry for k in ("id", "img", "text"))
+             and entry["label"] in (0, 1) and not isinstance(entry["label"], bool),
+             f"{where} needs id, img, label (0 or 1) and text.")
         ids.append(str(entry["id"]))
-        paths.append(image)
+        paths.append(_image(os.path.join(root, str(entry["img"])), where))
         texts.append(str(entry["text"]))
         labels.append(int(entry["label"]))
     return ids, paths, texts, labels
@@ -2416,173 +1883,125 @@ IMAGE_TEXT_READERS = {"mmimdb": mmimdb_samples, "food101": food101_samples, "hat
 
 def image_text_split(dataset, root, split, tokenizer, image_size=224, context_length=77):
     """One split ('train' / 'val' / 'test') of a real image-text dataset -> an ImageTextFiles."""
-    if dataset not in IMAGE_TEXT_READERS:
-        raise DataError(f"unknown image-text dataset {dataset!r}; choose one of {', '.join(IMAGE_TEXT_READERS)}.")
-    if split not in ("train", "val", "test"):
-        raise DataError(f"unknown split {split!r}; choose train, val or test.")
-    if not os.path.isdir(root):
-        raise DataError(f"data root {root} is not a folder; pass the folder that holds the {dataset} files.")
-    own = split if dataset == "food101" else IMAGE_TEXT_SPLITS[dataset][split]
-    ids, paths, texts, labels = IMAGE_TEXT_READERS[dataset](root, own)
+    need(dataset in IMAGE_TEXT_READERS, f"unknown image-text dataset {dataset!r}; choose one of "
+         f"{', '.join(IMAGE_TEXT_READERS)}.")
+    need(split in ("train", "val", "test"), f"unknown split {split!r}; choose train, val or test.")
+    need(os.path.isdir(root), f"data root {root} is not a folder; pass the folder of the {dataset} files.")
+    ids, paths, texts, labels = IMAGE_TEXT_READERS[dataset](root, IMAGE_TEXT_SPLITS[dataset][split])
     return ImageTextFiles(f"{dataset} {split} ({root})", ids, paths, texts, labels, tokenizer,
                           image_size, context_length)
 
 
-# ----------------------------------------------------------------------------------------------
-# Image-text: missing tables (MAP's protocol)
-# ----------------------------------------------------------------------------------------------
-# A missing table holds one code per sample: 0 complete, 1 text missing, 2 image missing. MAP draws
-# it once per (split, type, rate), saves it and reuses it, so every method sees the same missing
-# samples. kind 'text' / 'image': round(rate n) samples lack that modality; 'both' (MAP's default,
-# rate 0.7): of the m = round(rate n) incomplete samples, m - floor(m / 2) lack text and floor(m / 2)
-# lack the image (an odd m gives text the extra one, as MAP's int(m * 0.5) image-missing samples do);
-# none lacks both. A missing text becomes "" (only the start and end tokens), a missing image a
-# placeholder: "ones" (all ones after normalisation: MAP; AOEPT's ViLT path), "zeros" (zeros after
-# normalisation: CMPT), "black" (a black image before normalisation, -mean / std: AOEPT's CLIP path).
-# DEVIATION: MAP draws with Python's global `random` (seed 0) and floors rate * n; we draw from a
-# torch.Generator seeded by `seed` and round, so our tables are not MAP's sample for sample (MAP
-# ships none to compare with).
-MISSING_TABLE_KINDS = ("text", "image", "both")
-MISSING_CODES = {"complete": 0, "text": 1, "image": 2}
-IMAGE_PLACEHOLDERS = ("ones", "zeros", "black")
+# ---- Missing modalities (CMPT, MAP, AOEPT): one representation, has_<modality> masks and a blank input -----
+# DEVIATION: MAP draws with Python's global `random` and floors rate * n; we draw from a seeded
+# torch.Generator and round (cmpt_counts, map_counts), so our samples are not MAP's one for one
+def missing_masks(n, counts, seed=0):
+    """{modality: (n,) bool has}: counts[m] samples lack m, none two; in dict order from one permutation."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (n,)
+    has, start = {}, 0
+    for modality, count in counts.items():
+        has[modality] = torch.ones(n, dtype=torch.bool)
+        has[modality][order[start:start + count]] = False
+        start += count
+    return has
 
 
-def missing_table(n, kind, rate, seed=0):
-    """-> (n,) long codes: 0 complete, 1 text missing, 2 image missing (see the section comment)."""
-    if kind not in MISSING_TABLE_KINDS:
-        raise DataError(f"unknown missing kind {kind!r}; choose one of {', '.join(MISSING_TABLE_KINDS)}.")
-    if not 0 <= rate <= 1:
-        raise DataError(f"a missing rate is a fraction in [0, 1], not {rate}; pass e.g. 0.7 for 70%.")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)  # (n,)
+def cmpt_counts(kind, rate, n):
+    """CMPT's rule: 'audio' / 'video': round(rate n) lack it; 'both': round(rate n / 2) lack each."""
+    need(kind in ("none", "audio", "video", "both"), f"Unknown missing kind {kind!r}; choose none, audio, "
+         f"video or both.")
+    need(0 <= rate <= 1, f"A missing rate is a fraction in [0, 1], not {rate}; pass e.g. 0.7 for 70%.")
+    whole, half = round(rate * n), round(rate * n / 2)
+    return {"audio": {"audio": whole, "both": half}.get(kind, 0),
+            "video": {"video": whole, "both": half}.get(kind, 0)}
+
+
+def map_counts(kind, rate, n):
+    """MAP's rule: m = round(rate n) incomplete; 'both': m - m // 2 lack the text, m // 2 the image."""
+    need(kind in ("text", "image", "both"), f"Unknown missing kind {kind!r}; choose text, image or both.")
+    need(0 <= rate <= 1, f"A missing rate is a fraction in [0, 1], not {rate}; pass e.g. 0.7 for 70%.")
     m = round(rate * n)
-    table = torch.zeros(n, dtype=torch.long)  # (n,)
-    if kind == "text":
-        table[order[:m]] = MISSING_CODES["text"]
-    elif kind == "image":
-        table[order[:m]] = MISSING_CODES["image"]
-    else:
-        n_image = m // 2
-        table[order[:m - n_image]] = MISSING_CODES["text"]
-        table[order[m - n_image:m]] = MISSING_CODES["image"]
-    return table
+    return {"text": {"text": m, "both": m - m // 2}.get(kind, 0),
+            "image": {"image": m, "both": m // 2}.get(kind, 0)}
 
 
-def missing_table_path(folder, dataset, split, kind, rate, seed):
-    """<folder>/missing_<dataset>_<split>_<kind>_<rate in %>_seed<seed>.json, e.g. ..._both_70_seed0.json."""
-    return os.path.join(folder, f"missing_{dataset}_{split}_{kind}_{100 * rate:g}_seed{seed}.json")
-
-
-def load_or_make_missing_table(path, ids, kind, rate, seed=0):
-    """The missing table for samples `ids` (kept as strings): read from `path` when it was made for
-    the same ids and settings, else drawn and written (whole); a file made otherwise is refused."""
-    ids = [str(i) for i in ids]
-    settings = {"kind": kind, "rate": rate, "seed": seed}
-    if os.path.exists(path):
-        hint = "delete it or choose another folder for the missing tables."
-        saved = _read_json_file(path, "missing table", hint)
-        if not isinstance(saved, dict) or not all(k in saved for k in ("kind", "rate", "seed", "ids", "missing")):
-            raise DataError(f"{path} is not a missing table (kind, rate, seed, ids, missing); {hint}")
-        if {k: saved[k] for k in settings} != settings:
-            raise DataError(f"missing table {path} was made for kind={saved['kind']}, rate={saved['rate']}, "
-                            f"seed={saved['seed']}, not kind={kind}, rate={rate}, seed={seed}; {hint}")
-        if saved["ids"] != ids:
-            raise DataError(f"missing table {path} was made for other samples ({len(saved['ids'])} ids, not these "
-                            f"{len(ids)}); {hint}")
-        table = torch.tensor(saved["missing"], dtype=torch.long)
-        if table.shape != (len(ids),) or not bool(((table >= 0) & (table <= 2)).all()):
-            raise DataError(f"missing table {path} does not hold one code 0, 1 or 2 per sample; {hint}")
-        return table
-    table = missing_table(len(ids), kind, rate, seed)
-    common.write_json(path, {**settings, "ids": ids, "missing": table.tolist()})
-    return table
-
-
-def missing_image(placeholder, shape, mean=CLIP_MEAN, std=CLIP_STD):
-    """The normalised stand-in for a missing image, (3, H, W) float (see the section comment)."""
-    if placeholder == "ones":
-        return torch.ones(shape)
-    if placeholder == "zeros":
-        return torch.zeros(shape)
-    if placeholder == "black":
-        # a black image (0) through the normalisation: (0 - mean_c) / std_c per channel
+def image_placeholder(kind, shape, mean=CLIP_MEAN, std=CLIP_STD):
+    """A missing image (3, H, W): 'ones' (MAP), 'zeros' (CMPT), 'black' (-mean / std, AOEPT's CLIP)."""
+    need(kind in ("ones", "zeros", "black"),
+         f"Unknown image placeholder {kind!r}; choose ones, zeros or black.")
+    if kind == "black":
         return (-torch.tensor(mean) / torch.tensor(std))[:, None, None].expand(shape).clone()
-    raise DataError(f"unknown image placeholder {placeholder!r}; choose one of {', '.join(IMAGE_PLACEHOLDERS)}.")
+    return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
 
 
-def with_missing_table(dataset, missing, tokenizer, context_length=77, image_placeholder="ones"):
-    """Items carry 'missing'; a missing text is the tokenised "" and a missing image the placeholder.
-    In-memory AVTensors get new tensors; a dataset read from files is wrapped item by item."""
-    missing = torch.as_tensor(missing, dtype=torch.long)
-    if missing.shape != (len(dataset),):
-        raise DataError(f"the missing table has {missing.numel()} codes for {len(dataset)} samples; "
-                        f"make it for this split (same ids).")
-    if not bool(((missing >= 0) & (missing <= 2)).all()):
-        raise DataError("a missing table holds the codes 0 (complete), 1 (text missing) and 2 (image missing) only.")
-    if image_placeholder not in IMAGE_PLACEHOLDERS:
-        raise DataError(f"unknown image placeholder {image_placeholder!r}; choose one of "
-                        f"{', '.join(IMAGE_PLACEHOLDERS)}.")
-    empty_text = tokenizer([""], context_length)[0]  # (C,) [sot, eot, 0, ...]
+def with_missing(dataset, has, blank):
+    """`dataset` with has_<m> fields and blank[m] where has[m] is False (AVTensors copied, files wrapped)."""
+    for m, mask in has.items():
+        need(len(mask) == len(dataset),
+             f"{len(mask)} {m} flags for {len(dataset)} samples; make them for this split.")
     if not isinstance(dataset, AVTensors):
-        return MissingImageText(dataset, missing, empty_text, image_placeholder)
-    f = dataset.fields
-    if f["text"].shape[1] != context_length:
-        raise DataError(f"the texts have {f['text'].shape[1]} tokens, not context_length = {context_length}; "
-                        f"pass the context length they were tokenised with.")
-    blank = missing_image(image_placeholder, f["image"].shape[1:])  # (3, H, W)
-    text = torch.where((missing == 1)[:, None], empty_text[None], f["text"])  # (N, C)
-    image = torch.where((missing == 2)[:, None, None, None], blank[None].to(f["image"].dtype), f["image"])  # (N, 3, H, W)
-    return dataset.with_fields(text=text, image=image, missing=missing)
+        return MissingInputs(dataset, has, blank)
+    fields = {}
+    for m, mask in has.items():
+        x = dataset.fields[m]  # (N, ...)
+        fields[m] = torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, blank[m].to(x.dtype)[None])
+        fields[f"has_{m}"] = mask
+    return dataset.with_fields(**fields)
 
 
-class MissingImageText(torch.utils.data.Dataset):
-    """A dataset read on demand, with text / image replaced per item as `with_missing_table` does."""
+class MissingInputs(torch.utils.data.Dataset):
+    """A dataset read on demand, with inputs marked missing as `with_missing` does."""
 
-    def __init__(self, dataset, missing, empty_text, image_placeholder):
-        self.dataset, self.missing, self.empty_text = dataset, missing, empty_text
-        self.image_placeholder = image_placeholder
+    def __init__(self, dataset, has, blank):
+        self.dataset, self.has, self.blank = dataset, has, blank
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
         item = dict(self.dataset[i])
-        if self.missing[i] == 1:
-            item["text"] = self.empty_text.clone()
-        if self.missing[i] == 2:
-            item["image"] = missing_image(self.image_placeholder, item["image"].shape).to(item["image"].dtype)
-        return {**item, "missing": self.missing[i]}
+        for m, mask in self.has.items():
+            if not mask[i]:
+                item[m] = self.blank[m].to(item[m].dtype).clone()
+            item[f"has_{m}"] = mask[i]
+        return item
 
 
-# ----------------------------------------------------------------------------------------------
-# Making a corrupted set in READ's layout: `python data.py corrupt`
-# ----------------------------------------------------------------------------------------------
-# READ built Kinetics50-C / VGGSound-C from the clean clips with `make_corruptions/` (ImageNet-C per
-# frame, saved as JPEG quality 85; the audio corruptions per WAV). This does the same with the
-# corruptions above, from any clean READ-layout list:
-#
-#   <out>/clean/severity_0.json                       the clean list (absolute paths)
-#   <out>/video/<corruption>/severity_<s>.json        video_path -> <out>/video/<corruption>/severity_<s>/
-#   <out>/video/<corruption>/severity_<s>/frame_<i>/<video_id>.jpg
-#   <out>/audio/<corruption>/severity_<s>.json        wav -> <out>/audio/<corruption>/severity_<s>/<video_id>.wav
-#
-# Frames are corrupted at their stored size (the spatial parameters scale with the height, see
-# corrupt_video) and saved as JPEG quality 85. A WAV is corrupted at its own sample rate and written
-# as 16-bit mono at that rate; a noise recording is averaged to mono and resampled to the clip's rate
-# first, so a stereo 48 kHz recording does not change a mono 16 kHz clip's length (READ issue #13).
-# Each file's randomness comes from (--seed, corruption, severity, clip, frame) through its own
-# generator, so a resumed run (files already written are skipped) gives the same set as an
-# uninterrupted one, whatever --batch-size and --workers. Frames are corrupted --batch-size at a time
-# (one call per corruption and stored size; frame i draws from its own generator, `_draw`), by
-# --workers processes with one thread each (the same arithmetic whatever their number).
-# What a set shares, as READ's recordings and ImageNet-C's photographs are shared by every file: the
-# frost stand-in's five ice textures (one bank per seed and frame size) and each procedural noise
-# recording (NOISE_SECONDS long, one per seed, kind and sample rate, cut from its start or tiled).
-JPEG_QUALITY = 85
+def missing_table_path(folder, dataset, split, kind, rate, seed):
+    """<folder>/missing_<dataset>_<split>_<kind>_<rate in %>_seed<seed>.json."""
+    return os.path.join(folder, f"missing_{dataset}_{split}_{kind}_{100 * rate:g}_seed{seed}.json")
+
+
+def load_or_make_missing_table(path, ids, kind, rate, seed=0):
+    """MAP's missing table of `ids`, made once and reused (codes 0 complete, 1 no text, 2 no
+    image) -> {'image': has_image, 'text': has_text}; one made for other ids or settings is refused."""
+    ids = [str(i) for i in ids]
+    settings = {"kind": kind, "rate": rate, "seed": seed}
+    hint = "delete it or choose another folder for the missing tables."
+    name = os.path.basename(path)
+    if os.path.exists(path):
+        saved = read_text(path, "missing table", hint, parse_json=True)
+        need(isinstance(saved, dict) and all(k in saved for k in (*settings, "ids", "missing")),
+             f"{name} is not a missing table (kind, rate, seed, ids, missing); {hint}")
+        need({k: saved[k] for k in settings} == settings,
+             f"Missing table {name} was made with other settings "
+             f"than kind={kind}, rate={rate}, seed={seed}; {hint}")
+        need(saved["ids"] == ids, f"Missing table {name} was made for other samples; {hint}")
+        codes = torch.tensor(saved["missing"], dtype=torch.long)
+        need(codes.shape == (len(ids),) and bool(((codes >= 0) & (codes <= 2)).all()),
+             f"Missing table {name} does not hold one code 0, 1 or 2 per sample; {hint}")
+        return {"image": codes != 2, "text": codes != 1}
+    has = missing_masks(len(ids), map_counts(kind, rate, len(ids)), seed)
+    codes = (~has["text"]).long() + 2 * (~has["image"]).long()  # (n,) 0 / 1 / 2
+    common.write_json(path, {**settings, "ids": ids, "missing": codes.tolist()})
+    return {"image": has["image"], "text": has["text"]}
+
+
+# ---- Making a corrupted set in READ's layout: `python data.py corrupt` -------------------------------------
+JPEG_QUALITY = 85  # READ saved every corrupted frame as JPEG quality 85
 CORRUPT_SETTINGS = "corrupt_settings.json"  # in <out>: what the set was made with, checked on resume
 NOISE_SECONDS = 10  # length of a procedural noise recording (READ's clips last 10 s)
-BATCH_SIZE = 4  # frames corrupted in one call (faster at 64 x 64; at 224 x 224 more is slower, cache)
-WORKERS = min(4, os.cpu_count() or 1)  # processes of `python data.py corrupt`
+BATCH_SIZE = 4  # frames corrupted in one call
 
 
 def file_generator(seed, *parts):
@@ -2592,43 +2011,26 @@ def file_generator(seed, *parts):
 
 def clip_frames(entry):
     """[(i, path)] of the clip's frames <video_path>/frame_<i>/<video_id>.jpg that exist (READ stores 10)."""
-    folder = entry["video_path"]
-    if not os.path.isdir(folder):
-        return []
-    names = sorted((n for n in os.listdir(folder) if n.startswith("frame_") and n[6:].isdigit()), key=lambda n: int(n[6:]))
-    paths = [(int(n[6:]), os.path.join(folder, n, entry["video_id"] + ".jpg")) for n in names]
-    return [(i, p) for i, p in paths if os.path.isfile(p)]
+    names = [n for n in visible_names(entry["video_path"]) if n.startswith("frame_") and n[6:].isdigit()]
+    paths = [(int(n[6:]), os.path.join(entry["video_path"], n, entry["video_id"] + ".jpg")) for n in names]
+    return sorted((i, p) for i, p in paths if os.path.isfile(p))
 
 
-_SHARED = {}  # the set's frost banks and noise recordings in this process, least recently used first
-
-
-def _shared(key, make):
-    """make() once per key in this process, keeping the 8 last used (a bank of 224 px frames is 24 MB)."""
-    value = _SHARED.pop(key) if key in _SHARED else make()
-    _SHARED[key] = value  # now the most recently used
-    while len(_SHARED) > 8:
-        del _SHARED[next(iter(_SHARED))]
-    return value
-
-
+@functools.lru_cache(maxsize=8)
 def set_frost_bank(seed, size):
-    """The frost stand-in's five ice textures for frames of `size` px of a set made with `seed`,
-    shared by every frame (ImageNet-C crops each image's frost from the same five photographs)."""
-    return _shared(("frost", seed, size), lambda: frost_bank(size, file_generator(seed, "frost", "bank", size)))
+    """The frost stand-in's five textures of a set, shared by every frame (as ImageNet-C's photographs)."""
+    return frost_bank(size, file_generator(seed, "frost", "bank", size))
 
 
+@functools.lru_cache(maxsize=8)
 def set_noise_recording(seed, kind, sample_rate):
-    """The procedural stand-in for READ's recording `kind` at sample_rate in a set made with `seed`:
-    NOISE_SECONDS long, shared by every clip (READ overlays one recording on all of them)."""
-    return _shared(("noise", seed, kind, sample_rate), lambda: noise_stand_in(
-        kind, NOISE_SECONDS * sample_rate, file_generator(seed, kind, "recording", sample_rate), sample_rate))
+    """The stand-in for READ's recording `kind` of a set, NOISE_SECONDS long, shared by every clip."""
+    generator = file_generator(seed, kind, "recording", sample_rate)
+    return noise_stand_in(kind, NOISE_SECONDS * sample_rate, generator, sample_rate)
 
 
 def corrupt_frame_files(files, name, severity, seed, frost_dir=None):
-    """Corrupt frame files [(src, dst, video_id, frame_index)] at their stored sizes, one batch per
-    size, and write each as JPEG quality 85 (whole or not at all). Frame (video_id, i) draws from
-    file_generator(seed, name, severity, video_id, i) alone: its file is the same in any batch."""
+    """Corrupt frames [(src, dst, video_id, i)] at their sizes, each from its own generator; JPEG 85."""
     images = [read_image(src) for src, _, _, _ in files]                   # uint8 (3, H, W) each
     by_size = {}
     for k, image in enumerate(images):
@@ -2637,240 +2039,142 @@ def corrupt_frame_files(files, name, severity, seed, frost_dir=None):
         frames = torch.stack([images[k] for k in ks]).float() / 255       # (n, 3, H, W) in [0, 1]
         generators = [file_generator(seed, name, severity, files[k][2], files[k][3]) for k in ks]
         bank = set_frost_bank(seed, max(h, w)) if name == "frost" and frost_dir is None else None
-        out = corrupt_video(frames, name, severity, generator=generators, frost_dir=frost_dir, frost_bank=bank)
+        out = corrupt_video(frames, name, severity, generators, frost_dir=frost_dir, frost_bank=bank)
         u8 = (out * 255).round().clamp(0, 255).to(torch.uint8)            # (n, 3, H, W)
-        for k, jpeg in zip(ks, vision().io.encode_jpeg(list(u8), quality=JPEG_QUALITY)):
-            common.atomic_write(files[k][1], lambda tmp: vision().io.write_file(tmp, jpeg))
+        for k, jpeg in zip(ks, torchvision.io.encode_jpeg(list(u8), quality=JPEG_QUALITY)):
+            common.atomic_write(files[k][1], lambda tmp: torchvision.io.write_file(tmp, jpeg))
 
 
 def corrupt_wav_files(files, name, severity, seed, noise_dir=None):
-    """Corrupt WAVs [(src, dst, video_id, None)] each at its own rate (mono) and write them as 16-bit
-    mono PCM (whole or not at all); clip video_id draws from file_generator(seed, name, severity, video_id)."""
+    """Corrupt WAVs [(src, dst, video_id, None)] at their own rates, each from its own generator."""
     for src, dst, video_id, _ in files:
         wav, rate = read_wav(src)                                          # (T,), stereo averaged
         # DEVIATION: without noise_dir a procedural recording, one per set as READ's (set_noise_recording)
-        noise = set_noise_recording(seed, name, rate) if name != "gaussian_noise" and noise_dir is None else None
-        out = corrupt_audio(wav[None], name, severity, generator=file_generator(seed, name, severity, video_id),
+        stand_in = name != "gaussian_noise" and noise_dir is None
+        noise = set_noise_recording(seed, name, rate) if stand_in else None
+        out = corrupt_audio(wav[None], name, severity, file_generator(seed, name, severity, video_id),
                             noise_dir=noise_dir, sample_rate=rate, noise=noise)[0]
         common.atomic_write(dst, lambda tmp: write_wav(tmp, out.clamp(-1, 1), rate))
 
 
-def _corrupt_batch(job):
-    """One batch of files of one corruption (run in a worker): -> (its list's key, files written)."""
-    key, modality, name, severity, files, seed, noise_dir, frost_dir = job
-    if modality == "video":
-        corrupt_frame_files(files, name, severity, seed, frost_dir)
-    else:
-        corrupt_wav_files(files, name, severity, seed, noise_dir)
-    return key, len(files)
-
-
-def _exit_on_terminate(signum, frame):
-    raise SystemExit(1)  # a BaseException: atomic_write removes its temp file on the way out
-
-
-def _init_worker(*task):
-    """A worker computes with one thread and starts no pool of its own; Ctrl-C is the main process's to
-    handle, which then ends the pool (SIGTERM), and a file being written is removed, not left
-    half-written. task: parallel_fill's (fn, jobs, dests), inherited through the fork."""
-    global _IN_WORKER
-    _IN_WORKER = True
-    if task:
-        _FILL["task"] = task
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_terminate)
-
-
-def _run_batches(jobs, workers):
-    """Yield _corrupt_batch(job) for every job, in this process or in a pool of `workers` processes
-    (spawned, one thread each), as each batch is done."""
-    if workers <= 1 or len(jobs) <= 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the workers' arithmetic, so the files do not depend on --workers
-        try:
-            for job in jobs:
-                yield _corrupt_batch(job)
-        finally:
-            torch.set_num_threads(threads)
-        return
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_corrupt_batch, jobs)
-        pool.close()  # done: the workers exit on their own (leaving the block early terminates them)
-        pool.join()
-
-
 def _absolute(entry):
-    return {**entry, "wav": os.path.abspath(entry["wav"]), "video_path": os.path.abspath(entry["video_path"]) + os.sep}
+    return {**entry, "wav": os.path.abspath(entry["wav"]),
+            "video_path": os.path.abspath(entry["video_path"]) + os.sep}
 
 
 def make_corrupted_set(json_path, out, video=(), audio=(), severities=(5,), noise_dir=None, frost_dir=None,
-                       seed=0, train_json=None, quiet=False, batch_size=BATCH_SIZE, workers=1):
-    """Write the corrupted copies of the clips in `json_path` in READ's layout under `out` (see above),
-    `batch_size` files per call, in `workers` processes; the files do not depend on either.
-    Returns {'written': n, 'skipped_existing': n, 'clips_without_files': {list: n}}."""
-    if batch_size < 1 or workers < 1:
-        raise ValueError(f"batch_size {batch_size} and workers {workers} must both be at least 1.")
+                       seed=0, train_json=None, quiet=False, batch_size=BATCH_SIZE):
+    """Corrupted copies of the clips of `json_path` in READ's layout under `out` (clean/severity_0.json,
+    video|audio/<corruption>/severity_<s>.json and files): frames JPEG 85 at their size, WAVs 16-bit mono at
+    their rate. Each file has its own generator: a rerun skips the files on disk and gives the same set."""
     out = os.path.abspath(out)
     entries = [_absolute(e) for e in read_json_list(json_path)]
+    train = [_absolute(e) for e in read_json_list(train_json)] if train_json else None
     settings = {"source": os.path.abspath(json_path), "seed": seed, "jpeg_quality": JPEG_QUALITY,
                 "noise_dir": os.path.abspath(noise_dir) if noise_dir else None,
                 "frost_dir": os.path.abspath(frost_dir) if frost_dir else None}
     settings_path = os.path.join(out, CORRUPT_SETTINGS)
     if os.path.isfile(settings_path):
         with open(settings_path) as f:
-            try:
-                before = json.load(f)
-            except json.JSONDecodeError:
-                before = None
-        if before != settings:
-            raise DataError(f"{out} holds a corrupted set made with other settings ({settings_path}); resume with the "
-                            f"same --json, --seed, --noise-dir and --frost-dir, or choose another --out.")
+            need(f.read() == json.dumps(settings, indent=1), f"{out} holds a set made with other settings; "
+                 f"resume with the same --json, --seed, --noise-dir and --frost-dir, or use another --out.")
     common.write_json(settings_path, settings)
     common.write_json(os.path.join(out, "clean", "severity_0.json"), {"data": entries})
-    if train_json:  # BriMPR's layout keeps the clean training list beside it (its source statistics)
-        common.write_json(os.path.join(out, "clean", "train.json"),
-                          {"data": [_absolute(e) for e in read_json_list(train_json)]})
+    if train:  # BriMPR's layout keeps the clean training list beside it (its source statistics)
+        common.write_json(os.path.join(out, "clean", "train.json"), {"data": train})
     frames = {e["video_id"]: clip_frames(e) for e in entries} if video else {}
-    with_wav = [e for e in entries if os.path.isfile(e["wav"])]
     report = {"written": 0, "skipped_existing": 0, "clips_without_files": {}}
-    # every list, the clips it names, and the batches of its files not yet on disk
-    lists, jobs, pending = {}, [], {}
-    for modality, names in (("video", video), ("audio", audio)):
-        for name in names:
-            for s in severities:
-                key = f"{modality}/{name}/severity_{s}"
-                folder = os.path.join(out, modality, name, f"severity_{s}")
-                listed, todo = [], []
-                for e in (entries if modality == "video" else with_wav):
-                    if modality == "video":
-                        files = [(src, os.path.join(folder, f"frame_{i}", e["video_id"] + ".jpg"), e["video_id"], i)
-                                 for i, src in frames[e["video_id"]]]
-                        if files:
-                            listed.append({**e, "video_path": folder + os.sep})
-                    else:
-                        files = [(e["wav"], os.path.join(folder, e["video_id"] + ".wav"), e["video_id"], None)]
-                        listed.append({**e, "wav": files[0][1]})
-                    for f in files:
-                        if os.path.isfile(f[1]):
-                            report["skipped_existing"] += 1
-                        else:
-                            todo.append(f)
-                lists[key] = listed
-                report["clips_without_files"][key] = len(entries) - len(listed)
-                batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-                jobs += [(key, modality, name, s, b, seed, noise_dir, frost_dir) for b in batches]
-                pending[key] = len(batches)
-
-    def write_list(key):
-        common.write_json(os.path.join(out, key + ".json"), {"data": lists[key]})
-
-    for key in [k for k, n in pending.items() if n == 0]:  # every file already there
-        write_list(key)
-    bar = tqdm(total=report["skipped_existing"] + sum(len(j[4]) for j in jobs), initial=report["skipped_existing"],
-               desc="corrupting", unit="file", disable=quiet, dynamic_ncols=True)
+    todo = []  # (list key, modality, corruption, severity, its clips, its files not yet on disk)
+    for modality, name, s in [("video", n, s) for n in video for s in severities] + \
+            [("audio", n, s) for n in audio for s in severities]:
+        key = f"{modality}/{name}/severity_{s}"
+        folder = os.path.join(out, key)
+        listed, files = [], []
+        for e in entries:
+            if modality == "video":
+                mine = [(src, os.path.join(folder, f"frame_{i}", e["video_id"] + ".jpg"), e["video_id"], i)
+                        for i, src in frames[e["video_id"]]]
+                clip = {**e, "video_path": folder + os.sep}
+            else:
+                dst = os.path.join(folder, e["video_id"] + ".wav")
+                mine = [(e["wav"], dst, e["video_id"], None)] if os.path.isfile(e["wav"]) else []
+                clip = {**e, "wav": dst}
+            listed += [clip] if mine else []
+            files += [f for f in mine if not os.path.isfile(f[1])]
+            report["skipped_existing"] += sum(os.path.isfile(f[1]) for f in mine)
+        todo.append((key, modality, name, s, listed, files))
+        report["clips_without_files"][key] = len(entries) - len(listed)
+    total = report["skipped_existing"] + sum(len(t[-1]) for t in todo)
+    bar = tqdm(total=total, initial=report["skipped_existing"], desc="corrupting", unit="file", disable=quiet,
+               dynamic_ncols=True)
     try:
-        for key, written in _run_batches(jobs, workers):
-            report["written"] += written
-            bar.update(written)
-            pending[key] -= 1
-            if pending[key] == 0:  # a list is written once all its files are
-                write_list(key)
+        for key, modality, name, s, listed, files in todo:
+            for k in range(0, len(files), batch_size):
+                batch = files[k:k + batch_size]
+                if modality == "video":
+                    corrupt_frame_files(batch, name, s, seed, frost_dir)
+                else:
+                    corrupt_wav_files(batch, name, s, seed, noise_dir)
+                report["written"] += len(batch)
+                bar.update(len(batch))
+            common.write_json(os.path.join(out, key + ".json"), {"data": listed})
     finally:
         bar.close()  # before any error message
     return report
 
 
-def _names(values, valid, kind):
-    """--video / --audio values ('all', 'none', names, comma-separated lists) -> names in table order."""
-    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
-    if names == ["none"]:
-        return []
-    if names == ["all"]:
-        return list(valid)
-    bad = [n for n in names if n not in valid]
-    if bad:
-        raise DataError(f"unknown {kind} corruption {bad[0]!r}; choose 'all', 'none' or names from: {', '.join(valid)}.")
-    return [n for n in valid if n in names]
-
-
 def build_parser():
-    p = argparse.ArgumentParser(
-        prog="python data.py", description="Data tools. `corrupt`: write corrupted copies of a clean READ-layout "
-        "list in READ's layout (Kinetics50-C / VGGSound-C style), with this project's corruptions.")
+    p = argparse.ArgumentParser(prog="python data.py", description="Data tools. `corrupt`: write corrupted "
+                                "copies of a clean READ-layout list in READ's layout.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("corrupt", help="make a corrupted set in READ's layout from a clean list",
-                       description="Write <out>/clean/severity_0.json, <out>/video/<c>/severity_<s>.json with JPEG "
-                       "frames and <out>/audio/<c>/severity_<s>.json with WAVs. Resumable: files already written "
-                       "are skipped; every file is written whole or not at all.")
-    c.add_argument("--json", required=True, help="clean READ-layout list {'data': [{video_id, wav, video_path, labels}]} "
-                                                 "(required)")
+                       description="Write <out>/clean/severity_0.json, <out>/video/<c>/severity_<s>.json "
+                       "with JPEG frames and <out>/audio/<c>/severity_<s>.json with WAVs. Resumable: files "
+                       "already written are skipped; every file is written whole or not at all.")
+    c.add_argument("--json", required=True,
+                   help="clean READ-layout list {'data': [{video_id, wav, video_path, labels}]} (required)")
     c.add_argument("--out", required=True, help="output folder, created if needed (required)")
-    c.add_argument("--video", nargs="+", default=["all"],
-                   help=f"video corruptions: all, none, or names ({', '.join(VIDEO_CORRUPTIONS)}) (default: all)")
-    c.add_argument("--audio", nargs="+", default=["all"],
-                   help=f"audio corruptions: all, none, or names ({', '.join(AUDIO_CORRUPTIONS)}) (default: all)")
-    c.add_argument("--severities", nargs="+", default=["5"], help="severities 1..5 (default: 5, the papers' protocol)")
-    c.add_argument("--noise-dir", default=None, help="folder with traffic/crowd/rain/thunder/wind.wav, any rate and "
-                                                     "channel count (default: none, procedural stand-ins)")
-    c.add_argument("--frost-dir", default=None, help="folder of frost photographs, jpg/png (default: none, procedural "
-                                                     "stand-in)")
-    c.add_argument("--seed", default="0", help="seed of the corruptions' randomness, 0 .. 2^32-1 (default: 0)")
-    c.add_argument("--train-json", default=None, help="clean training list to copy to <out>/clean/train.json, where "
-                                                      "adapt.py looks for BriMPR's source clips (default: none)")
-    c.add_argument("--batch-size", default=str(BATCH_SIZE), help=f"frames corrupted in one call; the files do not "
-                   f"depend on it (default: {BATCH_SIZE})")
-    c.add_argument("--workers", default=str(WORKERS), help=f"processes corrupting in parallel, one thread each; the "
-                   f"files do not depend on it (default: {WORKERS}, the cores of this machine up to 4)")
+    c.add_argument("--video", nargs="+", default=["all"], choices=("all", "none") + VIDEO_CORRUPTIONS,
+                   metavar="NAME", help="video corruptions: all, none or names (default: all)")
+    c.add_argument("--audio", nargs="+", default=["all"], choices=("all", "none") + AUDIO_CORRUPTIONS,
+                   metavar="NAME", help="audio corruptions: all, none or names (default: all)")
+    c.add_argument("--severities", nargs="+", type=int, choices=SEVERITIES, default=[5],
+                   help="severities 1..5 (default: 5, the papers' protocol)")
+    c.add_argument("--noise-dir", default=None, help="folder with traffic/crowd/rain/thunder/wind.wav, any "
+                   "rate and channel count (default: none, procedural stand-ins)")
+    c.add_argument("--frost-dir", default=None,
+                   help="folder of frost photographs, jpg/png (default: none, procedural stand-in)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the corruptions, 0 .. 2^32-1 (default: 0)")
+    c.add_argument("--train-json", default=None, help="clean training list to copy to "
+                   "<out>/clean/train.json, where adapt.py looks for BriMPR's source clips (default: none)")
+    c.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"frames corrupted in one call; the files do not depend on it (default: 4)")
     return p
-
-
-def _check_corrupt_args(args):
-    """Every argument of `corrupt`, checked before any file is written: one sentence per problem."""
-    video = _names(args.video, VIDEO_CORRUPTIONS, "video")
-    audio = _names(args.audio, AUDIO_CORRUPTIONS, "audio")
-    if not video and not audio:
-        raise DataError("--video none and --audio none leave nothing to do; name at least one corruption.")
-    try:
-        severities = sorted({int(s) for s in args.severities})
-    except ValueError:
-        raise DataError(f"--severities {' '.join(args.severities)}: severities are whole numbers 1..5.") from None
-    if any(s not in SEVERITIES for s in severities):
-        raise DataError(f"--severities {' '.join(args.severities)} is out of range; valid severities are 1, 2, 3, 4, 5.")
-    if not args.seed.isdigit() or int(args.seed) >= 2 ** 32:
-        raise DataError(f"--seed {args.seed}: a seed is a whole number from 0 to {2 ** 32 - 1}.")
-    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
-        if not value.isdigit() or int(value) < 1:
-            raise DataError(f"{flag} {value}: give a whole number of at least 1.")
-    read_json_list(args.json)
-    if args.train_json:
-        read_json_list(args.train_json)
-    kinds = [k for k in audio if k != "gaussian_noise"]
-    if args.noise_dir:
-        if not os.path.isdir(args.noise_dir):
-            raise DataError(f"--noise-dir {args.noise_dir} is not a folder; pass the folder with <kind>.wav.")
-        for k in kinds:
-            check_input_file(os.path.join(args.noise_dir, f"{k}.wav"), "noise recording",
-                             f"--noise-dir needs {', '.join(k + '.wav' for k in kinds)}.")
-            wav_info(os.path.join(args.noise_dir, f"{k}.wav"))
-    if args.frost_dir and not os.path.isdir(args.frost_dir):
-        raise DataError(f"--frost-dir {args.frost_dir} is not a folder; pass a folder of frost photographs (jpg/png).")
-    common.check_output_folder(args.out, "--out")
-    return video, audio, severities
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)  # zoom blur's bilinear resize rounds differently with more threads
+    video = [n for n in VIDEO_CORRUPTIONS if n in args.video or "all" in args.video]
+    audio = [n for n in AUDIO_CORRUPTIONS if n in args.audio or "all" in args.audio]
     try:
-        video, audio, severities = _check_corrupt_args(args)
-        report = make_corrupted_set(args.json, args.out, video, audio, severities, args.noise_dir, args.frost_dir,
-                                    int(args.seed), args.train_json, batch_size=int(args.batch_size),
-                                    workers=int(args.workers))
-    except (DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {common.error_sentence(e)}")
+        need(video or audio, "--video none and --audio none leave nothing to do; name a corruption.")
+        need(0 <= args.seed < 2 ** 32, f"--seed {args.seed}: a seed is a whole number from 0 to 4294967295.")
+        need(args.batch_size >= 1, f"--batch-size {args.batch_size}: give a whole number of at least 1.")
+        need(not args.frost_dir or os.path.isdir(args.frost_dir),
+             f"--frost-dir {args.frost_dir} is not a folder; pass a folder of frost photographs (jpg/png).")
+        for kind in [k for k in audio if k != "gaussian_noise"] if args.noise_dir else []:
+            path = os.path.join(args.noise_dir, f"{kind}.wav")
+            check_input_file(path, "noise recording", f"--noise-dir needs a {kind}.wav.")
+            wav_info(path)
+        common.check_output_folder(args.out, "--out")
+        report = make_corrupted_set(args.json, args.out, video, audio, sorted(set(args.severities)),
+                                    args.noise_dir, args.frost_dir, args.seed, args.train_json,
+                                    batch_size=args.batch_size)
+    except Refusal as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: every file written so far in {args.out} is complete and the JSON lists of finished "
-                 f"corruptions are written; run the same command again to continue (written files are skipped).")
+        sys.exit("interrupted; rerun the same command to resume (no file is half-written).")
     missing = {k: v for k, v in report["clips_without_files"].items() if v}
     print(f"wrote {report['written']} files, kept {report['skipped_existing']} already there, in {args.out}"
           + (f"; clips left out for lack of frames or WAV: {missing}" if missing else ""))

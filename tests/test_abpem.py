@@ -72,9 +72,9 @@ def test_bootstrap_loss_stop_gradient_on_self_attention():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(3, 5, 5, generator=g, **F64).requires_grad_(True)  # N_a = 2, N_v = 3
     abpem.attention_bootstrap_loss(s, n_audio=2).backward()
-    blocks = abpem.attention_blocks(s.grad, 2)
-    assert torch.count_nonzero(blocks["aa"]) == 0 and torch.count_nonzero(blocks["vv"]) == 0  # detached
-    assert torch.all(blocks["av"] != 0) and torch.all(blocks["va"] != 0)  # cross blocks move
+    g = s.grad
+    assert torch.count_nonzero(g[:, :2, :2]) == 0 and torch.count_nonzero(g[:, 2:, 2:]) == 0  # aa, vv detached
+    assert torch.all(g[:, :2, 2:] != 0) and torch.all(g[:, 2:, :2] != 0)  # the cross blocks av, va move
 
 
 def test_bootstrap_loss_stats_in_fp32_for_half_scores():
@@ -135,7 +135,7 @@ def test_total_loss_signs_and_weights():
     ("embedded", "both", 2, 1.0, 8)])
 def test_published_settings(dataset, modality, k, w_attn, bs):
     model = CAVMAE("tiny")
-    adapter = abpem.setup(model, SimpleNamespace(dataset=dataset, modality=modality, num_classes=10))
+    adapter = abpem.setup(model, SimpleNamespace(dataset=dataset, modality=modality, use_cache=True))
     assert (adapter.k, adapter.w_attn, abpem.BATCH_SIZE[dataset]) == (k, w_attn, bs)
     # the public code's feature cache, on in all four released scripts, is on by default (32 samples = 4 batches of 8)
     assert adapter.cache is not None and adapter.cache.size == abpem.settings(dataset, modality)["cache_size"]
@@ -150,7 +150,7 @@ def test_updates_exactly_qkv_and_resets(tiny_batch, use_cache):
     torch.manual_seed(0)
     model = CAVMAE("tiny")
     start = copy.deepcopy(model.state_dict())
-    adapter = abpem.setup(model, SimpleNamespace(dataset="embedded", modality="video"), use_cache=use_cache)
+    adapter = abpem.setup(model, SimpleNamespace(dataset="embedded", modality="video", use_cache=use_cache))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(abpem.collect_params(model)[1])
     adapter(tiny_batch)
     assert changed_keys(start, model) == {"blocks_u.0.attn.qkv.weight", "blocks_u.0.attn.qkv.bias"}
@@ -168,7 +168,7 @@ def test_predicts_after_the_update(tiny_batch):
     torch.manual_seed(0)
     model = CAVMAE("tiny")
     before = copy.deepcopy(model)
-    adapter = abpem.setup(model, SimpleNamespace(dataset="embedded", modality="video"))
+    adapter = abpem.setup(model, SimpleNamespace(dataset="embedded", modality="video", use_cache=True))
     out = adapter(tiny_batch)
     with torch.no_grad():
         assert torch.allclose(out, model(tiny_batch["audio"], tiny_batch["video"]))  # the updated model
@@ -186,6 +186,7 @@ def test_feature_cache_is_a_fifo_of_whole_batches():
 
 
 # ---------------------------------------------------------------------------- the runner
+@pytest.mark.slow
 def test_runner_end_to_end_and_paired_source(tmp_path):
     out = tmp_path / "r.json"
     adapt.main(["--method", "abpem", "--corruption", "gaussian_noise", "--seeds", "1", "--results", str(out)])
@@ -194,7 +195,7 @@ def test_runner_end_to_end_and_paired_source(tmp_path):
     assert res["batch_size"] == {"source": 64, "abpem": 8}
     assert 0 <= acc["abpem"]["mean"] <= 100 and 0 <= acc["source"]["mean"] <= 100
     # the Source column is the frozen model's batch-averaged accuracy on the same shuffled stream at
-    # Source's batch size (64); ABPEM's time is measured against Source's forward on batches of 8
+    # Source's batch size (64); ABPEM's time is measured against Source's forward on its own batches of 8
     assert abs(acc["source"]["mean"] - source_stream_accuracy("gaussian_noise", 64)) < 1e-9
     assert set(res["source_ms_per_batch"]) == {"64", "8"} and res["time_ratio_to_source"]["abpem"] > 0
 

@@ -1,59 +1,69 @@
-"""Tests of aoept.py: parameter-free attention, the gate, K-means, InfoNCE by hand; prompt insertion
-(replaced, not accumulated; stripped); collect; freezing (the memory too); a tiny run of
-`python train.py --method aoept`."""
-import json
+"""Tests of aoept.py on a frozen CLIP (tiny float64 CLIPs of 2 or 4 layers of width 8 built here): the
+parameter-free attention, the MCP, the gate, K-means and InfoNCE by hand; prompt insertion (replaced, or
+accumulated for MAP; stripped before CLIP's pooling); the gate forced to 1; MAP's per-case prompts;
+collect and distil; what trains (the memory does not); the recipes."""
 import math
-import os
-import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import aoept  # noqa: E402
-import common  # noqa: E402
+import aoept
+import common
+from conftest import refused
 
 f64 = dict(dtype=torch.float64)
 LN3 = math.log(3.0)
+MS = ("image", "text")
+INF = float("-inf")
+VOCAB = 10  # CLIP's convention: end-of-text = the largest id, 9; start-of-text = 8; 0 padding
+SOT, EOT = VOCAB - 2, VOCAB - 1
+D = 8  # both towers' width
+E = 4  # the joint width
+# end of text at 3, 2, 4: the batch is cut to eot.max() + 1 = 5 columns, rows 0 and 1 keep padding inside them
+TEXT = torch.tensor([[SOT, 3, 5, EOT, 0, 0],
+                     [SOT, 4, EOT, 0, 0, 0],
+                     [SOT, 2, 6, 7, EOT, 0]])
+TEXT_EOT = torch.tensor([3, 2, 4])
 
 
-def tiny_backbone(dtype=torch.float32):
-    torch.manual_seed(0)
-    bb = common.CAVMAE("tiny", num_classes=10).to(dtype).eval()
-    for p in bb.parameters():
-        p.requires_grad_(False)
-    return bb
+def small_config(layers):
+    return dict(image_size=8, patch_size=4, vision_width=D, vision_layers=layers, vision_heads=2, embed_dim=E,
+                context_length=6, vocab_size=None, text_width=D, text_layers=layers, text_heads=2)
 
 
-def tiny_batch(bb, B=6, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    return {"audio": torch.randn(B, bb.audio_length, bb.mel_bins, generator=g).to(dtype),
-            "video": torch.randn(B, 3, bb.image_size, bb.image_size, generator=g).to(dtype),
-            "label": torch.arange(B) % 10,
-            # samples 0-1 complete, 2-3 lack audio, 4-5 lack video (inputs left non-zero on purpose:
-            # the flags alone decide)
-            "has_audio": torch.tensor([True, True, False, False, True, True]),
-            "has_video": torch.tensor([True, True, True, True, False, False])}
+@pytest.fixture
+def make_clip(monkeypatch):
+    """make_clip(layers=2, seed=0) -> a frozen float64 CLIP of `layers` blocks per tower, width 8, 2 heads,
+    8 x 8 images in 4 patches of 4 x 4 (5 image tokens), contexts of 6, joint width 4, vocabulary 10."""
+    monkeypatch.setitem(common.CLIP_CONFIGS, "t2", small_config(2))
+    monkeypatch.setitem(common.CLIP_CONFIGS, "t4", small_config(4))
+
+    def make(layers=2, seed=0):
+        torch.manual_seed(seed)
+        clip = common.CLIP(f"t{layers}", vocab_size=VOCAB).double().eval()
+        for p in clip.parameters():
+            p.requires_grad_(False)
+        return clip
+    return make
 
 
-def with_memory(model, K=5, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    dt = model.head[1].weight.dtype
-    D = model.backbone.embed_dim
-    model.set_memory(torch.randn(model.depth, K, D, generator=g).to(dt),
-                     torch.randn(model.depth, K + 2, D, generator=g).to(dt))
-    return model
+def images(B, seed=1):
+    return torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(seed), **f64)
 
 
-def block_inputs(model):
-    """Record the input of every tower block and of the unified block during the next forward."""
+def block_io(clip):
+    """Record every block's input (and the text blocks' attention mask) and output during the next forward:
+    seen[(m, l)], seen[(m, l, 'mask')], seen[(m, l, 'out')] for m = 'image' / 'text'."""
     seen = {}
-    bb = model.backbone
-    for name, blocks in (("a", bb.blocks_a), ("v", bb.blocks_v), ("u", bb.blocks_u)):
+    for m, blocks in (("image", clip.visual.transformer.resblocks), ("text", clip.transformer.resblocks)):
         for l, blk in enumerate(blocks):
-            blk.register_forward_pre_hook(lambda mod, args, key=(name, l): seen.__setitem__(key, args[0].detach()))
+            def pre(mod, args, key=(m, l)):
+                seen[key] = args[0].detach()
+                seen[key + ("mask",)] = args[1] if len(args) > 1 else None
+            blk.register_forward_pre_hook(pre)
             blk.register_forward_hook(
-                lambda mod, args, out, key=(name, l): seen.__setitem__(key + ("out",), out.detach()))
+                lambda mod, args, out, key=(m, l): seen.__setitem__(key + ("out",), out.detach()))
     return seen
 
 
@@ -81,7 +91,8 @@ def test_param_free_attention_one_head_scales_by_sqrt_dh():
     out = aoept.param_free_attention(q, c, num_heads=1)
     assert torch.allclose(out, torch.tensor([[0.75, 0.0], [0.5, 0.0]], **f64), atol=1e-12)
     # a leading batch dimension gives the same rows
-    assert torch.allclose(aoept.param_free_attention(q.expand(3, 2, 2), c.expand(3, 2, 2), 1), out.expand(3, 2, 2))
+    batched = aoept.param_free_attention(q.expand(3, 2, 2), c.expand(3, 2, 2), 1)
+    assert torch.allclose(batched, out.expand(3, 2, 2))
 
 
 def test_modal_contextualized_prompt_residual_and_norm():
@@ -108,35 +119,6 @@ def test_instance_gate_by_hand():
     assert torch.equal(g[1], torch.ones(2, **f64))
 
 
-def test_gate_in_the_model_is_one_exactly_when_the_other_modality_is_missing():
-    bb = tiny_backbone(torch.float64)
-    model = with_memory(aoept.build(bb, depth=2, shared=False)).double().eval()
-    batch = tiny_batch(bb, dtype=torch.float64)
-    seen = block_inputs(model)
-    with torch.no_grad():
-        model(batch)
-        L = model.prompt_len
-        mcp = {m: aoept.modal_contextualized_prompt(model.query[m], getattr(model, f"memory_{m}"),
-                                                    model.prompt_norm[m], model.num_heads) for m in ("a", "v")}
-        has = {"a": batch["has_audio"], "v": batch["has_video"]}
-        for m, other in (("a", "v"), ("v", "a")):
-            for l in range(model.depth):
-                got = seen[(m, l)][:, :L]  # (B, L, D) the gated prompt entering block l
-                for i in range(6):
-                    if not has[other][i]:
-                        assert torch.equal(got[i], mcp[m][l]), f"{m} layer {l} sample {i}: gate is not 1"
-                    else:
-                        assert not torch.allclose(got[i], mcp[m][l]), f"{m} layer {l} sample {i}: gate is 1"
-                # the gate source is the other tower's token mean entering block l, prompts excluded
-                src = seen[(other, l)][:, L:]
-                g = torch.sigmoid(model.gate[m][l](src.mean(1)))  # (B, D)
-                want = torch.where(has[other][:, None, None], mcp[m][l] * g[:, None], mcp[m][l].expand(6, L, -1))
-                assert torch.allclose(got, want, atol=1e-12)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared prompts (the public code's default): one query per layer, per-modality projection, own LN and gate
-# ----------------------------------------------------------------------------------------------
 def test_shared_prompt_by_hand():
     D_s, D = 2, 2
     proj = torch.nn.Sequential(torch.nn.Linear(D_s, D_s), torch.nn.GELU(), torch.nn.Linear(D_s, D)).double()
@@ -148,40 +130,10 @@ def test_shared_prompt_by_hand():
     q = torch.randn(3, D_s, **f64)  # L = 3
     memory = torch.tensor([[1.0, 2.0]], **f64)  # one row: softmax over a single key = 1, Attn = (1, 2)
     norm = torch.nn.LayerNorm(D).double()  # weight 1, bias 0, eps 1e-5
-    out = aoept.shared_prompt(q, proj, memory, norm, num_heads=1)
+    # S = LN(Attn(W(q), C, C) + W(q))
+    out = aoept.modal_contextualized_prompt(proj(q), memory, norm, num_heads=1)
     # Attn + W(q) = (1, 2) + (0, 1) = (1, 3): mean 2, variance 1 -> LN = (-1, 1) / sqrt(1 + 1e-5)
     assert torch.allclose(out, torch.tensor([[-1.0, 1.0]] * 3, **f64) / math.sqrt(1 + 1e-5), atol=1e-12)
-
-
-def test_shared_prompts_come_first_gated_by_their_own_gate_and_are_stripped():
-    bb = tiny_backbone(torch.float64)
-    model = with_memory(aoept.build(bb, depth=2)).double().eval()  # the default: shared prompts on
-    assert model.use_shared and model.shared_query.shape == (2, model.prompt_len, bb.embed_dim // 16)
-    batch = tiny_batch(bb, dtype=torch.float64)
-    seen = block_inputs(model)
-    with torch.no_grad():
-        logits = model(batch)
-        L = model.prompt_len
-        has = {"a": batch["has_audio"], "v": batch["has_video"]}
-        memory = {"a": model.memory_a, "v": model.memory_v}
-        for m, other in (("a", "v"), ("v", "a")):
-            N = bb.n_audio if m == "a" else bb.n_video
-            for l in range(2):
-                x = seen[(m, l)]
-                assert x.shape[1] == 2 * L + N  # [shared; specific; tokens], replaced at each layer
-                S = aoept.shared_prompt(model.shared_query[l], model.shared_proj[m][l], memory[m][l],
-                                        model.shared_norm[m], model.num_heads)  # (L, D)
-                src = seen[(other, l)][:, 2 * L:].mean(1)  # the other tower's token mean entering block l
-                g = aoept.instance_gate(model.shared_gate[m][l](src), has[other])  # (B, D), 1 where m' missing
-                assert torch.allclose(x[:, :L], S * g[:, None], atol=1e-12)
-                g_p = aoept.instance_gate(model.gate[m][l](src), has[other])
-                P = aoept.modal_contextualized_prompt(model.query[m][l], memory[m][l], model.prompt_norm[m],
-                                                      model.num_heads)
-                assert torch.allclose(x[:, L:2 * L], P * g_p[:, None], atol=1e-12)
-        u = seen[("u", 0)]  # both prompt sets stripped before the unified block
-        assert torch.equal(u, torch.cat([seen[("a", 2, "out")][:, 2 * L:], seen[("v", 2, "out")][:, 2 * L:]], dim=1))
-        assert torch.allclose(logits, model.head(bb.norm(bb.blocks_u[0](u)).mean(1)))
-    assert "no_shared" in aoept.VARIANTS and not aoept.build(tiny_backbone(), **aoept.VARIANTS["no_shared"]).use_shared
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,148 +177,295 @@ def test_info_nce_by_hand_over_present_samples_with_stop_gradient():
 
 
 # ----------------------------------------------------------------------------------------------
-# Insert: replaced at every prompted layer, passed through after, stripped before fusion
+# 7. AOEPT: prompt insertion (replaced), pass-through after depth, stripped; MAP's accumulation
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("m", ["a", "v"])
-def test_prompts_replaced_not_accumulated_and_stripped(m):
-    bb = tiny_backbone(torch.float64)
-    model = with_memory(aoept.build(bb, depth=2, gate=False, shared=False)).double().eval()
-    batch = tiny_batch(bb, dtype=torch.float64)
-    seen = block_inputs(model)
+def with_clip_memory(model, K=3, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    model.memory.register_buffer("image", torch.randn(model.depth, K, D, generator=g, **f64))
+    model.memory.register_buffer("text", torch.randn(model.depth, K + 1, D, generator=g, **f64))
+    return model
+
+
+def pooled(clip, x_image, x_text, n):
+    """CLIP's pooling after n prompt positions: [ln_post(class) @ proj; ln_final(end of text) @ text_proj]."""
+    eot = x_text[torch.arange(3), n + TEXT_EOT]
+    return torch.cat([clip.pool("image", x_image[:, n]), clip.pool("text", eot)], -1)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_aoept_clip_prompts_replaced_at_prompted_layers_pass_through_after_and_are_stripped(make_clip, depth):
+    clip = make_clip()
+    model = with_clip_memory(aoept.build(clip, num_classes=3, depth=depth, prompt_len=2, gate=False,
+                                         shared=False).double().eval())
+    seen = block_io(clip)
+    img, L = images(3), 2
     with torch.no_grad():
-        logits = model(batch)
-    L, N = model.prompt_len, (bb.n_audio if m == "a" else bb.n_video)
-    P = aoept.modal_contextualized_prompt(model.query[m], getattr(model, f"memory_{m}"),
-                                          model.prompt_norm[m], model.num_heads)  # (depth, L, D)
-    for l in range(2):  # prompted layers: exactly L prompt tokens, the new ones
-        x = seen[(m, l)]
-        assert x.shape[1] == L + N  # replaced, not L * (l + 1) + N
-        assert torch.equal(x[:, :L], P[l].expand(6, L, -1))
-        if l > 0:  # the tokens are the previous block's outputs, its prompt outputs dropped
-            assert torch.equal(x[:, L:], seen[(m, l - 1, "out")][:, L:])
-            assert not torch.allclose(seen[(m, l - 1, "out")][:, :L], P[l].expand(6, L, -1))
-    x = seen[(m, 2)]  # after depth: the prompt outputs of block 1 pass through
-    assert torch.equal(x, seen[(m, 1, "out")])
-    u = seen[("u", 0)]  # the unified block gets the tokens only, audio first
-    assert u.shape[1] == bb.n_audio + bb.n_video
-    assert torch.equal(u, torch.cat([seen[("a", 2, "out")][:, L:], seen[("v", 2, "out")][:, L:]], dim=1))
-    assert torch.allclose(logits, model.head(bb.norm(bb.blocks_u[0](u)).mean(1)))
+        logits = model(batch_of(img))
+        P = {m: aoept.modal_contextualized_prompt(model.query[m], getattr(model.memory, m),
+                                                  # (depth, L, D)
+                                                  model.prompt_norm[m], model.num_heads) for m in MS}
+        # (3, 5, D): 1 + 4 patches; 5 columns
+        tokens = {m: clip.embed(m, x) for m, x in (("image", img), ("text", TEXT))}
+    for m in MS:
+        # layer 0: [P^0; CLIP's own embeddings], no positions on the prompts
+        assert torch.equal(seen[(m, 0)], torch.cat([P[m][0].expand(3, L, D), tokens[m]], dim=1))
+        if depth == 2:  # layer 1: new prompts in place of the prompt outputs of block 0
+            assert seen[(m, 1)].shape[1] == L + 5
+            assert torch.equal(seen[(m, 1)][:, :L], P[m][1].expand(3, L, D))
+            assert torch.equal(seen[(m, 1)][:, L:], seen[(m, 0, "out")][:, L:])
+            assert not torch.allclose(seen[(m, 0, "out")][:, :L], P[m][1].expand(3, L, D))
+        else:  # after depth: block 0's outputs, its prompt outputs included, go on unchanged
+            assert torch.equal(seen[(m, 1)], seen[(m, 0, "out")])
+    # the text tower: CLIP's causal mask over [prompts; tokens] (the tokens see every prompt)
+    for l in range(2):
+        assert torch.equal(seen[("text", l, "mask")], common.CLIP.causal_mask(L + 5, dtype=torch.float64))
+        assert seen[("image", l, "mask")] is None  # the image tower has none
+    # the prompts are stripped before CLIP's pooling: class token (position L), end-of-text (L + eot)
+    f = pooled(clip, seen[("image", 1, "out")], seen[("text", 1, "out")], L)
+    torch.testing.assert_close(logits, model.head(f), rtol=0, atol=1e-12)
+    wrong = pooled(clip, seen[("image", 1, "out")], seen[("text", 1, "out")], 0)
+    assert not torch.allclose(logits, model.head(wrong))  # pooling at the prompt positions is another answer
 
 
-def test_map_baseline_selects_the_prompt_of_each_missing_case():
-    bb = tiny_backbone(torch.float64)
-    model = aoept.build(bb, **aoept.VARIANTS["map"]).double().eval()
-    batch = tiny_batch(bb, dtype=torch.float64)
-    seen = block_inputs(model)
+def batch_of(img, missing=None, text=TEXT):
+    """A batch; missing: MAP's case per sample (0 complete, 1 text missing, 2 image missing) -> has_<m>."""
+    b = {"image": img, "text": text, "label": torch.tensor([0, 1, 2])[: len(img)]}
+    if missing is not None:
+        b["has_image"], b["has_text"] = torch.tensor(missing) != 2, torch.tensor(missing) != 1
+    return b
+
+
+def test_aoept_clip_accumulated_prompts_stack_in_front_of_the_earlier_ones(make_clip):
+    clip = make_clip()
+    model = aoept.build(clip, num_classes=3, depth=2, prompt_len=2, memory=False, gate=False, per_case=True,
+                        aux_weight=0.0, shared=False, accumulate=True).double().eval()
+    seen = block_io(clip)
+    img, L, codes = images(3), 2, [0, 1, 2]
     with torch.no_grad():
-        model(batch)  # no memory needed, prepare is a no-op
-    L = model.prompt_len
-    case = [0, 0, 1, 1, 2, 2]  # complete, complete, no audio, no audio, no video, no video
-    for m in ("a", "v"):
-        for l in range(model.depth):
-            for i, c in enumerate(case):
-                assert torch.equal(seen[(m, l)][i, :L], model.prompts[m][c, l])
-    _, names = aoept.collect_params(model)
-    assert set(names) == {"prompts.a", "prompts.v", "head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias"}
+        logits = model(batch_of(img, codes))
+    for m in MS:
+        Pm = model.prompts[m]  # (3 cases, depth 2, L, D)
+        for i, c in enumerate(codes):
+            assert torch.equal(seen[(m, 0)][i, :L], Pm[c, 0])
+            # layer 1: 2 L prompt rows, this layer's first, then block 0's output (its prompt outputs kept)
+            assert torch.equal(seen[(m, 1)][i, :L], Pm[c, 1])
+        assert seen[(m, 1)].shape[1] == 2 * L + 5
+        assert torch.equal(seen[(m, 1)][:, L:], seen[(m, 0, "out")])
+    assert torch.equal(seen[("text", 1, "mask")], common.CLIP.causal_mask(2 * L + 5, dtype=torch.float64))
+    # both layers' prompts stripped
+    f = pooled(clip, seen[("image", 1, "out")], seen[("text", 1, "out")], 2 * L)
+    torch.testing.assert_close(logits, model.head(f), rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
-# Collect
+# 8. AOEPT: the gate is exactly 1 where the conditioning modality is missing
 # ----------------------------------------------------------------------------------------------
-def test_collect_means_before_each_layer_and_skips_missing_samples():
-    bb = tiny_backbone(torch.float64)
-    batch = tiny_batch(bb, dtype=torch.float64)
-    feats = aoept.collect(bb, [batch], depth=2, device="cpu")
-    assert feats["a"].shape == (4, 2, bb.embed_dim)  # samples 2, 3 lack audio
-    assert feats["v"].shape == (4, 2, bb.embed_dim)  # samples 4, 5 lack video
+def test_aoept_clip_gate_is_one_for_image_prompts_without_text_and_text_prompts_without_image(make_clip):
+    clip = make_clip()
+    # gate, shared
+    model = with_clip_memory(aoept.build(clip, num_classes=3, depth=2, prompt_len=2).double().eval())
+    assert model.use_gate and model.use_shared
+    seen = block_io(clip)
+    L, codes = 2, torch.tensor([0, 1, 2])  # complete, text missing, image missing
     with torch.no_grad():
-        xa = bb.embed_audio(batch["audio"])
-        keep = torch.tensor([0, 1, 4, 5])
-        assert torch.allclose(feats["a"][:, 0], xa.mean(1)[keep])  # layer 0: the embeddings' mean
-        assert torch.allclose(feats["a"][:, 1], bb.blocks_a[0](xa).mean(1)[keep])  # layer 1: after block 0
-    memory = aoept.distil(feats["a"])
-    assert memory.shape == (2, 1, bb.embed_dim)  # K = max(1, 4 // 8) = 1: the mean of the 4 rows
-    assert torch.allclose(memory[:, 0], feats["a"].mean(0), atol=1e-12)
+        model(batch_of(images(3), codes.tolist()))
+        memory = dict(model.memory.named_buffers())
+        present = {"image": codes != 2, "text": codes != 1}
+        ungated = {"image": 1, "text": 2}  # the sample whose OTHER modality is missing
+        for l in range(2):
+            # the gate sources: each tower's features entering layer l, without prompts and text padding
+            c = {"image": seen[("image", l)][:, 2 * L:].mean(1),
+                 "text": aoept.text_mean(seen[("text", l)][:, 2 * L:], TEXT_EOT)}
+            for m, other in (("image", "text"), ("text", "image")):
+                x = seen[(m, l)]  # [S * gs; P * g; tokens]
+                q = model.shared_proj[m][l](model.shared_query[l])
+                S = aoept.modal_contextualized_prompt(q, memory[m][l], model.shared_norm[m], model.num_heads)
+                P = aoept.modal_contextualized_prompt(model.query[m][l], memory[m][l], model.prompt_norm[m],
+                                                      model.num_heads)  # (L, D)
+                u = ungated[m]
+                assert torch.equal(x[u, :L], S) and torch.equal(x[u, L:2 * L], P), f"{m} {l}: gate is not 1"
+                g = torch.sigmoid(model.gate[m][l](c[other]))  # (3, D)
+                gs = torch.sigmoid(model.shared_gate[m][l](c[other]))
+                for i in range(3):
+                    if i == u:
+                        continue
+                    assert present[other][i]
+                    torch.testing.assert_close(x[i, L:2 * L], P * g[i], rtol=0, atol=1e-12)
+                    torch.testing.assert_close(x[i, :L], S * gs[i], rtol=0, atol=1e-12)
+                    assert not torch.allclose(x[i, L:2 * L], P)  # sigmoid < 1: really gated
 
 
 # ----------------------------------------------------------------------------------------------
-# Freezing: exactly the intended tensors train; the backbone and the memory do not move
+# 9. MAP on CLIP: one prompt set per missing case, half of the layers, accumulated
 # ----------------------------------------------------------------------------------------------
-def expected_trainable(depth, shared=True):
-    names = {"query.a", "query.v", "logit_scale", "head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias"}
-    names |= {"shared_query"} if shared else set()
-    for m in ("a", "v"):
-        names |= {f"prompt_norm.{m}.weight", f"prompt_norm.{m}.bias"}
-        names |= {f"shared_norm.{m}.weight", f"shared_norm.{m}.bias"} if shared else set()
-        for l in range(depth):
-            names |= {f"gate.{m}.{l}.net.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
-            if shared:
-                names |= {f"shared_gate.{m}.{l}.net.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
-                names |= {f"shared_proj.{m}.{l}.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
-    return names
+def test_map_variant_on_clip_picks_the_prompts_of_each_missing_case(make_clip):
+    assert aoept.build(make_clip(2), num_classes=3, **aoept.VARIANTS["map"]).depth == 1  # round(0.5 * 2)
+    clip = make_clip(4)
+    model = aoept.build(clip, num_classes=3, **aoept.VARIANTS["map"]).double().eval()
+    assert model.depth == 2 and model.prompt_len == 16  # round(0.5 * 4) = 2 layers; MAP's 16 tokens
+    assert model.prompts["image"].shape == (3, 2, 16, D)
+    seen = block_io(clip)
+    codes = [1, 2, 0]
+    with torch.no_grad():
+        logits = model(batch_of(images(3), codes))
+    for m in MS:
+        for i, c in enumerate(codes):
+            for l in range(2):
+                assert torch.equal(seen[(m, l)][i, :16], model.prompts[m][c, l]), f"{m} layer {l} sample {i}"
+        # accumulated: 32 prompt rows at layer 1
+        assert torch.equal(seen[(m, 1)][:, 16:], seen[(m, 0, "out")])
+        assert torch.equal(seen[(m, 2)], seen[(m, 1, "out")])  # layers 2, 3: not prompted
+    f = pooled(clip, seen[("image", 3, "out")], seen[("text", 3, "out")], 32)
+    torch.testing.assert_close(logits, model.head(f), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["aoept", "no_shared"])
-def test_exactly_the_prompt_modules_and_head_train_one_step_and_reset(variant):
-    bb = tiny_backbone()
-    model = aoept.build(bb, **aoept.VARIANTS[variant])
-    batch = tiny_batch(bb)
-    aoept.prepare(model, [batch], "cpu")
+# ----------------------------------------------------------------------------------------------
+# 10. text_mean, collect
+# ----------------------------------------------------------------------------------------------
+def test_text_mean_excludes_padding_and_prompts_by_hand():
+    x = torch.tensor([[[1.0], [2.0], [6.0], [50.0]],
+                      [[3.0], [5.0], [100.0], [200.0]]], **f64)  # (2, 4, 1)
+    eot = torch.tensor([2, 1])
+    # sample 0: t_0 .. t_2 = (1 + 2 + 6) / 3 = 3; sample 1: t_0 .. t_1 = (3 + 5) / 2 = 4
+    assert aoept.text_mean(x, eot).tolist() == [[3.0], [4.0]]
+    # one prompt position in front: sample 0 (2 + 6 + 50) / 3 = 19.333..; sample 1 (5 + 100) / 2 = 52.5
+    want = torch.tensor([[58.0 / 3], [52.5]], **f64)
+    torch.testing.assert_close(aoept.text_mean(x, eot, 1), want, rtol=0, atol=1e-12)
+
+
+def test_collect_clip_layer_input_means_skip_missing_samples_and_prepare_fills_the_memory(make_clip):
+    clip = make_clip()
+    img = images(5)
+    text_2 = torch.tensor([[SOT, 1, EOT, 0, 0, 0], [SOT, 5, 5, 5, 5, EOT]])  # another batch, other lengths
+    second = {"image": img[3:], "text": text_2, "has_image": torch.tensor([False, True]),
+              "has_text": torch.tensor([True, True]), "label": torch.tensor([0, 1])}
+    loader = [batch_of(img[:3], [0, 1, 2]), second]
+    feats = aoept.collect(clip, loader, depth=2, device="cpu")
+    # image: the samples that have it, 0, 1 and 4 (n_i = 3); text: 0, 2, 3, 4 (n_t = 4)
+    keep_i, keep_t = [0, 1, 4], [0, 2, 3, 4]
+    texts = [TEXT[0], TEXT[1], TEXT[2], text_2[0], text_2[1]]
+    assert feats["image"].shape == (3, 2, D) and feats["text"].shape == (4, 2, D)
+    with torch.no_grad():
+        # every sample alone: mean of [class; 4 patches] entering blocks 0 and 1
+        for row, s in enumerate(keep_i):
+            x = clip.embed("image", img[s:s + 1])
+            torch.testing.assert_close(feats["image"][row, 0], x.mean((0, 1)), rtol=0, atol=1e-12)
+            after = clip.tower("image")[0](x).mean((0, 1))
+            torch.testing.assert_close(feats["image"][row, 1], after, rtol=0, atol=1e-12)
+        # every text alone, cut at its end-of-text token: no padding in the mean
+        for row, s in enumerate(keep_t):
+            ids = texts[s][: int(texts[s].argmax()) + 1][None]
+            x = clip.embed("text", ids)
+            mask = common.CLIP.causal_mask(ids.shape[1], dtype=torch.float64)
+            torch.testing.assert_close(feats["text"][row, 0], x.mean((0, 1)), rtol=0, atol=1e-12)
+            after = clip.tower("text")[0](x, mask).mean((0, 1))
+            torch.testing.assert_close(feats["text"][row, 1], after, rtol=0, atol=1e-12)
+    # prepare: K = max(1, min(k_max, n // 8)) = 1 here, the mean of the collected rows
+    model = aoept.build(clip, num_classes=3, depth=2, prompt_len=2).double()
+    aoept.prepare(model, loader, "cpu")
+    assert model.memory.image.shape == (2, 1, D) and model.memory.text.shape == (2, 1, D)
+    torch.testing.assert_close(model.memory.image[:, 0], feats["image"].mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.memory.text[:, 0], feats["text"].mean(0), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. What trains on CLIP, and one step
+# ----------------------------------------------------------------------------------------------
+CLIP_PARTS = {"backbone.visual.proj", "backbone.text_projection", "backbone.visual.ln_post.weight",
+              "backbone.visual.ln_post.bias", "backbone.ln_final.weight", "backbone.ln_final.bias"}
+
+
+def test_aoept_clip_collect_params_and_one_train_step_move_only_those(make_clip):
+    model = with_clip_memory(aoept.build(make_clip(), num_classes=3, depth=2, prompt_len=2).double())
     params, names = aoept.collect_params(model)
-    assert set(names) == expected_trainable(aoept.DEPTH, shared=variant == "aoept")
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
-    assert {"memory_a", "memory_v"} <= {n for n, _ in model.named_buffers()}  # frozen: buffers, not parameters
+    expected = {"query.image", "query.text", "shared_query", "logit_scale", "head.weight", "head.bias"}
+    expected |= CLIP_PARTS
+    for m in MS:
+        expected |= {f"{norm}.{m}.{w}" for norm in ("prompt_norm", "shared_norm") for w in ("weight", "bias")}
+        for l in range(2):
+            expected |= {f"{g}.{m}.{l}.{i}.{w}" for g in ("gate", "shared_gate") for i in (0, 2)
+                         for w in ("weight", "bias")}
+            expected |= {f"shared_proj.{m}.{l}.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    assert set(names) == expected and len(params) == len(names) == len(expected)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)  # no decay: a change comes from a gradient
-    learner = aoept.PromptTuner(model, opt).train()
-    logits = learner(batch)
-    assert logits.shape == (6, 10)
+    label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], **f64)  # multi-label: BCE
+    batch = dict(batch_of(images(3), [0, 1, 2]), label=label)
+    logits, losses = aoept.train_step(model, batch, opt)
+    bce = F.binary_cross_entropy_with_logits(logits, label).item()
+    assert losses["task"] == pytest.approx(bce, abs=1e-12)
     after = model.state_dict()
-    params_by_name = dict(model.named_parameters())
+    for k in CLIP_PARTS | {"head.weight", "head.bias", "query.image", "query.text"}:
+        assert not torch.equal(after[k], before[k]), f"{k} did not change"
     for k, v in before.items():
-        if k in set(names):
-            grad = params_by_name[k].grad
-            # a trainable tensor moves, unless its whole gradient is 0 (a gate's ReLU unit that no sample of
-            # this batch activates passes no gradient to its input weights)
-            assert not torch.equal(after[k], v) or (grad is not None and not grad.any()), f"{k} did not change"
-        else:
-            assert torch.equal(after[k], v), f"frozen {k} changed"  # backbone.*, memory_a, memory_v
-    assert sum(not torch.equal(after[k], before[k]) for k in names) >= len(names) - 4  # at most a few dead units
-    learner.reset()
-    for k, v in before.items():
-        assert torch.equal(model.state_dict()[k], v), f"reset() did not restore {k}"
-
-
-def test_train_step_total_and_forward_needs_memory():
-    bb = tiny_backbone()
-    model = aoept.build(bb)
-    with pytest.raises(RuntimeError, match="prepare"):
-        model(tiny_batch(bb))
-    with_memory(model)
-    opt = torch.optim.AdamW(aoept.collect_params(model)[0], lr=1e-3)
-    _, losses = aoept.train_step(model, tiny_batch(bb), opt)
-    assert set(losses) == {"task", "aux", "total"}
-    assert losses["aux"] > 0
-    assert losses["total"] == pytest.approx(losses["task"] + 0.05 * losses["aux"], rel=1e-5)
-    # the MAP-style baseline has no auxiliary loss
-    model = aoept.build(tiny_backbone(), **aoept.VARIANTS["map"])
-    opt = torch.optim.AdamW(aoept.collect_params(model)[0], lr=1e-3)
-    _, losses = aoept.train_step(model, tiny_batch(bb), opt)
-    assert losses["aux"] == 0.0 and losses["total"] == pytest.approx(losses["task"])
+        if k.startswith("backbone.") and k not in CLIP_PARTS or k.startswith("memory."):
+            assert torch.equal(after[k], v), f"frozen {k} changed"
 
 
 # ----------------------------------------------------------------------------------------------
-# End to end: python train.py --method aoept on a tiny configuration
+# 12. The public CLIP configs; 13. distil's K cap
 # ----------------------------------------------------------------------------------------------
-def test_train_py_method_aoept_end_to_end(tmp_path):
-    import train
-    out = tmp_path / "train_aoept.json"
-    train.main(["--method", "aoept", "--epochs", "1", "--seeds", "1", "--variants", "aoept",
-                "--device", "cpu", "--results", str(out)])
-    res = json.loads(out.read_text())
-    rows = {(r["protocol"], r["setting"]): r["accuracy"] for r in res["results"]}
-    assert set(rows) == {("map", "missing-audio 70%"), ("map", "missing-video 70%"), ("map", "missing-both 70%")}
-    for accs in rows.values():
-        assert set(accs) == {"aoept"} and len(accs["aoept"]) == 1
-        # chance is 10%; the source model alone gets 58-71% on these test sets
-        assert 30.0 < accs["aoept"][0] <= 100.0
+def test_distil_k_is_min_of_k_max_and_n_over_8():
+    centres = {0: torch.tensor([[0.0, 0.0], [10.0, 0.0]], **f64),
+               1: torch.tensor([[0.0, 10.0], [5.0, 5.0]], **f64)}
+    # 8, mean 0
+    offsets = torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.5], [0.0, -0.5]], **f64).repeat(2, 1)
+
+    # (2 * per_centre, depth 2, 2): per layer, per_centre points around each of its centres
+    def feats(per_centre):
+        reps = per_centre // 8
+        points = [(centres[l][:, None] + offsets.repeat(reps, 1)[None]).reshape(-1, 2) for l in (0, 1)]
+        return torch.stack(points, 1)
+
+    def by_x(c):
+        return c[torch.argsort(c[:, 0] * 100 + c[:, 1])]
+
+    # n = 16: n // 8 = 2 < k_max = 256 -> K = 2, each centre the mean of its 8 points = the centre
+    mem = aoept.distil(feats(8))
+    assert mem.shape == (2, 2, 2)
+    for l in (0, 1):
+        torch.testing.assert_close(by_x(mem[l]), by_x(centres[l]), rtol=0, atol=1e-12)
+    # n = 32: n // 8 = 4 but k_max = 2 -> K = 2, the two centres again
+    mem = aoept.distil(feats(16), k_max=2)
+    assert mem.shape == (2, 2, 2)
+    for l in (0, 1):
+        torch.testing.assert_close(by_x(mem[l]), by_x(centres[l]), rtol=0, atol=1e-12)
+    # k_max = 1: one centre, the mean of everything: layer 0 (5, 0), layer 1 (2.5, 7.5)
+    mem = aoept.distil(feats(8), k_max=1)
+    torch.testing.assert_close(mem[:, 0], torch.tensor([[5.0, 0.0], [2.5, 7.5]], **f64), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. One step: L = L_task + 0.05 L_aux; the memory must be filled first; the recipes
+# ----------------------------------------------------------------------------------------------
+def test_train_step_total_and_forward_needs_memory(make_clip):
+    model = aoept.build(make_clip(), num_classes=3, prompt_len=2).double()
+    refused(model, batch_of(images(3)), match="the AOEPT memory is empty; run aoept.prepare first.")
+    with_clip_memory(model)
+    opt = torch.optim.AdamW(aoept.collect_params(model)[0], lr=1e-3)
+    _, losses = aoept.train_step(model, batch_of(images(3), [0, 1, 2]), opt)
+    assert set(losses) == {"task", "aux", "total"} and losses["aux"] > 0
+    assert losses["total"] == pytest.approx(losses["task"] + 0.05 * losses["aux"], rel=1e-9)
+    model = aoept.build(make_clip(), num_classes=3, **aoept.VARIANTS["map"]).double()  # MAP: no L_aux
+    opt = torch.optim.AdamW(aoept.collect_params(model)[0], lr=1e-3)
+    _, losses = aoept.train_step(model, batch_of(images(3), [0, 1, 2]), opt)
+    assert losses["aux"] == 0.0 and losses["total"] == pytest.approx(losses["task"], rel=1e-12)
+
+
+def test_recipe_values_embedded_and_paper():
+    keys = {"epochs", "batch_size", "lr", "weight_decay", "eps", "betas", "schedule", "warmup",
+            "warmup_factor", "power", "grad_clip", "select", "prompt_len", "n_clusters"}
+    r = aoept.recipe("food")  # Food101 / both: L 6, lr 1e-2, wd 2e-2, K 256; the embedded budget 2 x 32
+    assert set(r) == keys
+    assert (r["prompt_len"], r["lr"], r["weight_decay"], r["n_clusters"], r["epochs"], r["batch_size"]) == \
+        (6, 1e-2, 2e-2, 256, 2, 32)
+    assert (r["schedule"], r["warmup"], r["grad_clip"], r["select"]) == ("cosine", 0.1, 5.0, "last")
+    assert aoept.recipe("hatememes", kind="text")["prompt_len"] == 14  # HateMemes / text: L 14
+    r = aoept.recipe("mmimdb", paper=True)  # MMIMDB / both: L 5, lr 2e-2, wd 1e-4, K 128; 20 x 128, best val
+    assert (r["prompt_len"], r["lr"], r["weight_decay"], r["n_clusters"]) == (5, 2e-2, 1e-4, 128)
+    assert (r["epochs"], r["batch_size"], r["select"]) == (20, 128, "best_val")
+    r = aoept.recipe("mmimdb", paper=True, variant="map")  # MAP's own: lr 1e-2, wd 2e-2, 16 tokens
+    assert (r["prompt_len"], r["lr"], r["weight_decay"]) == (16, 1e-2, 2e-2)
+    # the tiny CLIP (4 layers) prompts 2 layers, ViT-B/16's 12 layers the configs' 4
+    assert (aoept.TINY_CLIP_DEPTH, aoept.CLIP_DEPTH) == (2, 4)

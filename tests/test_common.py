@@ -1,19 +1,25 @@
-"""The CAV-MAE backbone: published checkpoint layout, checkpoint errors, forward paths, token subsets."""
+"""common.py: the CAV-MAE and CLIP backbones (published layouts, forward paths, interface), the one
+checkpoint loader, metrics helpers and files written whole."""
 import math
 import os
+import zipfile
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import common
-from conftest import key_list
-from common import CAVMAE
+from conftest import key_list, refused
+from common import CAVMAE, CLIP, FusedQKVAttention, QuickGELU, ResidualBlock
 
 SPEC_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cavmae_state_dict_ks50.txt")
+CLIP_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_vit_b16_state_dict.txt")
+VOCAB = 30  # a small vocabulary for the tiny CLIP; the end-of-text id is VOCAB - 1 = 29, the largest
 
 
 def published_keys():
-    """{key without 'module.': shape} from the published checkpoint's key list (tests/, shipped with the repository)."""
+    """{key without 'module.': shape} from the published checkpoint's key list (shipped in tests/)."""
     return key_list(SPEC_KEYS, "module.")
 
 
@@ -36,46 +42,82 @@ def test_base_token_counts(base):
     assert (base.n_audio, base.n_video) == (512, 196)
 
 
-def test_load_published_layout_with_module_prefix(tmp_path):
-    src = CAVMAE("tiny", num_classes=7)
-    path = tmp_path / "published_style.pth"
-    torch.save({"module." + k: v for k, v in src.state_dict().items()}, path)  # DataParallel keys
-    model, meta = common.load_checkpoint(str(path), config="tiny")
-    assert meta["num_classes"] == 7
-    for k, v in src.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v)
+# ---------------------------------------------------------------------------- checkpoints
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_wrong_checkpoint_names_missing_unexpected_and_misshaped_keys(tmp_path):
+@pytest.mark.parametrize("arch", ["cavmae", "clip"])
+@pytest.mark.parametrize("layout", ["ours", "bare", "module", "state_dict", "model"])
+def test_checkpoint_layouts_load_and_bare_ones_are_recognised_from_shapes(tmp_path, arch, layout):
+    torch.manual_seed(0)
+    model = CAVMAE("tiny", num_classes=7) if arch == "cavmae" else CLIP("tiny", vocab_size=VOCAB)
+    path, sd = str(tmp_path / "m.pt"), model.state_dict()
+    if layout == "ours":
+        common.save_checkpoint(path, model, epoch=3)
+    elif layout == "bare":
+        torch.save(sd, path)
+    elif layout == "module":  # DataParallel / DistributedDataParallel keys
+        torch.save({"module." + k: v for k, v in sd.items()}, path)
+    else:  # nested, as other trainers save
+        torch.save({layout: sd, "epoch": 3}, path)
+    loaded, meta = common.load_checkpoint(path)  # no --config: ours carry it, the others are read from shapes
+    assert type(loaded) is type(model) and not loaded.training and same_weights(loaded, model)
+    size = {"num_classes": 7} if arch == "cavmae" else {"vocab_size": VOCAB}
+    own = {"epoch": 3} if layout == "ours" else {}  # only our files carry metadata
+    assert meta == {"config": "tiny", **size, **own}
+
+
+def test_published_layouts_are_recognised_from_their_shapes():
+    # the published key lists on the meta device: shapes without memory
+    cavmae = {k: torch.empty(s, device="meta") for k, s in published_keys().items()}
+    assert common.looks_like(cavmae) == ("CAV-MAE", "base", "a CAV-MAE of width 768 and 11 layers per tower")
+    clip = {k: torch.empty(s, device="meta") for k, s in key_list(CLIP_KEYS).items()}
+    assert common.looks_like(clip) == ("CLIP", "base", "a CLIP of width 768 and 12 layers per tower")
+
+
+def test_checkpoint_of_another_size_or_architecture_is_refused_saying_what_to_pass(tmp_path, monkeypatch):
+    path = str(tmp_path / "tiny.pt")
+    torch.save(CLIP("tiny", vocab_size=VOCAB).state_dict(), path)
+    refused(common.load_checkpoint, path, config="base",
+            match="tiny.pt holds a CLIP of width 64 and 4 layers per tower, not the CLIP 'base'; pass "
+                  "--config tiny.")
+    common.save_checkpoint(path, CAVMAE("tiny", num_classes=3))
+    refused(common.load_checkpoint, path, config="base", match="holds a 'tiny' model but --config base was")
+    assert common.load_checkpoint(path, config="tiny")[1]["num_classes"] == 3
+    # a CAV-MAE of a size no configuration has (2 layers per tower): another file
+    monkeypatch.setitem(common.CONFIGS, "odd", dict(common.CONFIGS["tiny"], depth=2))
+    torch.save(CAVMAE("odd", num_classes=3).state_dict(), path)
+    monkeypatch.delitem(common.CONFIGS, "odd")
+    refused(common.load_checkpoint, path, match="tiny.pt holds a CAV-MAE of width 64 and 2 layers per tower, "
+                                               "which matches no --config (base, tiny); pass another file.")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    refused(common.load_checkpoint, path, match="holds neither CAV-MAE nor CLIP (first key fc.weight)")
+
+
+def test_checkpoint_that_does_not_fit_names_the_first_bad_key(tmp_path):
     sd = CAVMAE("tiny", num_classes=10).state_dict()
     sd.pop("norm_a.weight")
     sd["extra.weight"] = torch.zeros(3)
-    sd["pos_embed_v"] = torch.zeros(1, 5, 64)
-    path = tmp_path / "bad.pth"
-    torch.save(sd, path)
-    with pytest.raises(common.CheckpointError) as e:
-        common.load_checkpoint(str(path), config="tiny")
-    # one sentence: the three counts, then what to do
-    assert str(e.value) == (f"{path} does not fit CAVMAE(config='tiny', num_classes=10): missing 1 key (norm_a.weight), "
-                            "unexpected 1 key (extra.weight), wrongly shaped 1 key (pos_embed_v (1, 5, 64) vs model "
-                            "(1, 16, 64)); check --config and that the file is a CAV-MAE fine-tuned checkpoint.")
-
-
-def test_checkpoint_mismatch_message_counts_and_shows_the_first_three_of_each_kind(tmp_path):
+    torch.save(sd, tmp_path / "bad.pth")
+    # sorted(missing | unexpected) = [extra.weight, norm_a.weight]
+    refused(common.load_checkpoint, str(tmp_path / "bad.pth"),
+            match="bad.pth does not fit CAV-MAE 'tiny': 2 keys missing, unexpected or of another shape "
+                  "(first extra.weight)")
     sd = CAVMAE("tiny", num_classes=10).state_dict()
-    blocks = sorted(k for k in sd if k.startswith("blocks_a."))  # 20 tensors per tiny block x 3 blocks
-    for k in blocks:
-        sd.pop(k)
-    path = tmp_path / "no_audio_blocks.pth"
-    torch.save(sd, path)
-    with pytest.raises(common.CheckpointError) as e:
-        common.load_checkpoint(str(path), config="tiny")
-    msg = str(e.value)
-    assert len(blocks) == 60 and f"missing 60 keys (first: {', '.join(blocks[:3])}), " in msg
-    assert "unexpected 0 keys, wrongly shaped 0 keys; " in msg and blocks[3] not in msg
-    assert len(msg) - len(str(path)) < 300 and msg.count(". ") == 0  # one sentence, not a list of 60 keys
-    assert common.count_keys("missing", ["a", "b", "c", "d"]) == "missing 4 keys (first: a, b, c)"
-    assert common.count_keys("missing", ["a", "b"]) == "missing 2 keys (a, b)"
+    sd["pos_embed_v"] = torch.zeros(1, 5, 64)  # the model's is (1, 16, 64)
+    torch.save(sd, tmp_path / "bad.pth")
+    refused(common.load_checkpoint, str(tmp_path / "bad.pth"),
+            match="1 keys missing, unexpected or of another shape (first pos_embed_v)")
+    # pre-trained only
+    sd = {k: v for k, v in CAVMAE("tiny").state_dict().items() if not k.startswith("mlp_head")}
+    torch.save(sd, tmp_path / "bad.pth")
+    refused(common.load_checkpoint, str(tmp_path / "bad.pth"), match="has no mlp_head.1.weight")
+    sd = CLIP("tiny", vocab_size=VOCAB).state_dict()
+    del sd["token_embedding.weight"]
+    torch.save(sd, tmp_path / "bad.pth")
+    refused(common.load_checkpoint, str(tmp_path / "bad.pth"), match="has no token_embedding.weight")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -84,50 +126,50 @@ def test_checkpoint_with_nan_or_infinite_weights_is_refused_naming_the_tensor(tm
     sd = model.state_dict()
     sd["blocks_v.1.norm1.weight"][3] = bad  # a diverged run: the first bad tensor in state-dict order
     sd["mlp_head.1.bias"][0] = bad
-    path = tmp_path / "diverged.pt"
-    common.save_checkpoint(str(path), model)
-    with pytest.raises(common.CheckpointError) as e:
-        common.load_checkpoint(str(path))
-    assert str(e.value) == (f"{path} holds NaN or infinite values in blocks_v.1.norm1.weight (first of 2 such tensors); "
-                            f"the training that wrote it diverged or the file is damaged: train it again or use "
-                            f"another checkpoint.")
+    common.save_checkpoint(str(tmp_path / "diverged.pt"), model)
+    refused(common.load_checkpoint, str(tmp_path / "diverged.pt"),
+            match="diverged.pt holds NaN or infinite values in blocks_v.1.norm1.weight; the training that "
+                  "wrote it diverged: train it again or use another checkpoint.")
 
 
-def test_missing_and_garbage_checkpoint_files_say_what_they_are(tmp_path):
-    with pytest.raises(common.CheckpointError, match="does not exist"):
-        common.load_checkpoint(str(tmp_path / "nope.pt"))
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.CheckpointError, match="is a text file .*'not a checkpoint'.*not a PyTorch checkpoint"):
-        common.load_checkpoint(str(tmp_path / "junk.pt"))
+def test_missing_and_garbage_checkpoint_files_are_refused(tmp_path):
+    refused(common.load_checkpoint, str(tmp_path / "nope.pt"), match="checkpoint nope.pt does not exist")
     (tmp_path / "folder.pt").mkdir()
-    with pytest.raises(common.CheckpointError, match="is a folder, not a checkpoint file"):
-        common.load_checkpoint(str(tmp_path / "folder.pt"))
-    (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(common.CheckpointError, match=r"is empty \(0 bytes\)"):
-        common.load_checkpoint(str(tmp_path / "empty.pt"))
+    refused(common.load_checkpoint, str(tmp_path / "folder.pt"), match="checkpoint folder.pt is a folder")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    refused(common.load_checkpoint, str(tmp_path / "junk.pt"), match="junk.pt is not a checkpoint torch can")
     common.save_checkpoint(str(tmp_path / "whole.pt"), CAVMAE("tiny"))
     whole = (tmp_path / "whole.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # an interrupted download
-    with pytest.raises(common.CheckpointError, match="truncated or damaged"):
-        common.load_checkpoint(str(tmp_path / "cut.pt"))
+    refused(common.load_checkpoint, str(tmp_path / "cut.pt"), match="cut.pt is not a checkpoint torch can")
     torch.save({"a": 1}, tmp_path / "foreign.pt")  # a dict of numbers, not of tensors
-    with pytest.raises(common.CheckpointError, match="is not a CAV-MAE state dict"):
-        common.load_checkpoint(str(tmp_path / "foreign.pt"))
+    refused(common.load_checkpoint, str(tmp_path / "foreign.pt"), match="foreign.pt holds no state dict")
 
 
-def test_config_that_contradicts_the_checkpoint_is_refused(tmp_path):
-    common.save_checkpoint(str(tmp_path / "t.pt"), CAVMAE("tiny", num_classes=3))
-    with pytest.raises(common.CheckpointError, match="holds a 'tiny' model but --config base was given"):
-        common.load_checkpoint(str(tmp_path / "t.pt"), config="base")
-    assert common.load_checkpoint(str(tmp_path / "t.pt"), config="tiny")[1]["num_classes"] == 3
-
-
-def test_save_load_round_trip(tmp_path):
-    m = CAVMAE("tiny", num_classes=10)
-    common.save_checkpoint(str(tmp_path / "c.pt"), m, note="x")
-    m2, meta = common.load_checkpoint(str(tmp_path / "c.pt"))
-    assert meta["note"] == "x" and meta["config"] == "tiny"
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_torchscript_archive_like_openai(tmp_path):
+    model = tiny(seed=2, dtype=torch.float32)
+    # OpenAI's archive holds three non-weight entries next to the weights
+    # (our model keeps context_length and vocab_size as plain attributes: replace them by buffers)
+    del model.context_length, model.vocab_size
+    model.register_buffer("input_resolution", torch.tensor(48))
+    model.register_buffer("context_length", torch.tensor(40))
+    model.register_buffer("vocab_size", torch.tensor(VOCAB))
+    model = model.half()
+    fp16 = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fp16["visual.proj"].dtype == torch.float16
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.randn(2, 3, 48, 48).half(), IDS[:2, :5]), check_trace=False)
+    path = str(tmp_path / "ViT-tiny.pt")
+    torch.jit.save(traced, path)
+    with zipfile.ZipFile(path) as z:  # a TorchScript archive, as OpenAI's ViT-B-16.pt
+        assert any(n.endswith("constants.pkl") for n in z.namelist())
+    loaded, meta = common.load_checkpoint(path)  # recognised as tiny from its shapes
+    assert meta == {"config": "tiny", "vocab_size": VOCAB}
+    own = loaded.state_dict()
+    assert set(own) == set(fp16) - {"input_resolution", "context_length", "vocab_size"}
+    for k, v in own.items():
+        assert v.dtype == torch.float32 and torch.equal(v, fp16[k].float()), k
 
 
 def test_attention_logits_hand_computed():
@@ -202,17 +244,14 @@ def test_seed_everything_repeats():
 def test_get_device_default_is_cpu_without_cuda():
     if not torch.cuda.is_available():
         assert common.get_device().type == "cpu"
-        with pytest.raises(SystemExit, match="CUDA is not available"):
-            common.get_device("cuda")
+        refused(common.get_device, "cuda", match="--device cuda is not usable in this PyTorch; use cpu.")
     assert common.get_device("cpu").type == "cpu"
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
 def test_a_device_torch_cannot_use_is_refused_at_once():
-    with pytest.raises(SystemExit, match="error: --device mps is not available in this PyTorch build"):
-        common.get_device("mps")
-    with pytest.raises(SystemExit, match="is not a device name"):
-        common.get_device("gpu0")
+    refused(common.get_device, "mps", match="--device mps is not usable in this PyTorch")
+    refused(common.get_device, "gpu0", match="--device gpu0 is not usable in this PyTorch")
 
 
 # ---------------------------------------------------------------------------- files written whole
@@ -251,24 +290,6 @@ def test_interrupted_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch
     assert path.read_text() == '{\n "a": 1\n}' and os.listdir(tmp_path) == ["r.json"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "text"])
-def test_cache_file_that_is_damaged_is_rebuilt(tmp_path, damage):
-    path = tmp_path / "c.pt"
-    common.atomic_save({"x": torch.arange(1000)}, str(path))
-    if damage == "truncated":
-        path.write_bytes(path.read_bytes()[:300])
-    elif damage == "foreign":
-        torch.save({"y": torch.zeros(2)}, path)  # readable, but not what this cache holds
-    else:
-        path.write_text("hello")
-    notes = []
-    obj = common.load_or_rebuild(str(path), lambda: {"x": torch.arange(5)}, valid=lambda o: "x" in o, note=notes.append)
-    assert torch.equal(obj["x"], torch.arange(5)) and torch.equal(torch.load(path)["x"], torch.arange(5))
-    assert "rebuilding" in notes[0]
-    # the rebuilt file is used from now on
-    assert common.load_or_rebuild(str(path), lambda: 1 / 0, valid=lambda o: "x" in o)["x"].tolist() == [0, 1, 2, 3, 4]
-
-
 def test_embedded_benchmark_cache_is_regenerated_when_truncated(tmp_path, monkeypatch):
     import data
     small, generate = dict(data.EMBEDDED, n_train=4, n_val=2, n_test=3), data.generate_embedded
@@ -276,13 +297,15 @@ def test_embedded_benchmark_cache_is_regenerated_when_truncated(tmp_path, monkey
     monkeypatch.setattr(data, "_RAW", {})
     first = data.embedded_raw(7, cache_dir=str(tmp_path))
     (path,) = list(tmp_path.iterdir())
-    path.write_bytes(path.read_bytes()[:1000])  # the probe's truncated .cache file (PytorchStreamReader error)
+    # the probe's truncated .cache file (PytorchStreamReader error)
+    path.write_bytes(path.read_bytes()[:1000])
     data._RAW.clear()
     again = data.embedded_raw(7, cache_dir=str(tmp_path))
     assert torch.equal(again["test"]["wav"], first["test"]["wav"]) and len(again["test"]["label"]) == 3
     torch.save({"train": {}}, path)  # a foreign file (KeyError before)
     data._RAW.clear()
-    assert torch.equal(data.embedded_raw(7, cache_dir=str(tmp_path))["train"]["frames"], first["train"]["frames"])
+    again = data.embedded_raw(7, cache_dir=str(tmp_path))
+    assert torch.equal(again["train"]["frames"], first["train"]["frames"])
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
@@ -302,14 +325,6 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
         common.check_output_file(str(locked / "r.json"), "--results")
 
 
-def test_error_from_a_dataloader_worker_becomes_its_own_sentence():
-    wrapped = ValueError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 1, in f\ndata.DataError: clip.wav is empty; remove it.\n")
-    assert common.error_sentence(wrapped) == "clip.wav is empty; remove it."
-    assert common.error_sentence(ValueError("plain")) == "plain"
-
-
-# ---------------------------------------------------------------------------- CAV-MAE pre-training
 def test_sincos_pos_embed_by_hand():
     # dim 4: one frequency omega = 1 / 10000^0 = 1; a token is [sin(col), cos(col), sin(row), cos(row)]
     pe = common.sincos_pos_embed(4, 2, 2)  # (1, 4, 4), row-major
@@ -318,75 +333,297 @@ def test_sincos_pos_embed_by_hand():
     assert torch.allclose(pe[0], expected, atol=1e-6)
 
 
-def test_random_masking_keeps_a_quarter_and_restores_the_order():
-    x = torch.arange(8.0).view(1, 8, 1).repeat(3, 1, 2)  # token i holds the value i
-    visible, mask, restore = common.random_masking(x, 0.75, torch.Generator().manual_seed(0))
-    assert visible.shape == (3, 2, 2) and torch.equal(mask.sum(1), torch.full((3,), 6.0))  # int(8 * 0.25) = 2 kept
+# ---------------------------------------------------------------------------- CLIP
+def tiny(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return CLIP("tiny", vocab_size=VOCAB).to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. the published layout
+# ---------------------------------------------------------------------------------------------
+def test_base_state_dict_equals_published_vit_b16():
+    sd = {k: tuple(v.shape) for k, v in CLIP("base").state_dict().items()}
+    assert sd == key_list(CLIP_KEYS)
+    # the header of the key list: 302 tensors, 149,620,737 values (OpenAI's ViT-B/16 count)
+    assert len(sd) == 302
+    assert sum(math.prod(s) for s in sd.values()) == 149_620_737
+
+
+def test_tiny_needs_a_vocabulary_and_unknown_config_is_refused():
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        CLIP("tiny")
+    with pytest.raises(ValueError, match="unknown CLIP configuration 'huge'"):
+        CLIP("huge", vocab_size=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. QuickGELU
+# ---------------------------------------------------------------------------------------------
+def test_quick_gelu_values():
+    y = QuickGELU()(torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))
+    # 0 * sigmoid(0) = 0
+    # 1 * sigmoid(1.702) = 1 / (1 + e^-1.702) = 1 / (1 + 0.182331...) = 0.8457957659...
+    # -1 * sigmoid(-1.702) = -(1 - 0.8457957659...) = -0.1542042341...
+    expected = torch.tensor([0.0, 0.8457957659328212, -0.1542042340671787], dtype=torch.float64)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. fused-qkv attention
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_attention_equals_torch_multihead_attention(causal):
+    torch.manual_seed(1)
+    B, N, D, H = 3, 5, 16, 4
+    attn = FusedQKVAttention(D, H).double()
+    with torch.no_grad():
+        attn.in_proj_weight.normal_(0, 0.5)
+        attn.in_proj_bias.normal_(0, 0.5)
+        attn.out_proj.weight.normal_(0, 0.5)
+        attn.out_proj.bias.normal_(0, 0.5)
+    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64)
+    ref.load_state_dict(attn.state_dict())  # same names: in_proj_weight, in_proj_bias, out_proj.*
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    mask = CLIP.causal_mask(N, dtype=torch.float64) if causal else None
+    with torch.no_grad():
+        expected, _ = ref(x, x, x, attn_mask=mask, need_weights=False)
+        out = attn(x, mask)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_attention_with_zero_queries_and_keys_averages_values(causal):
+    torch.manual_seed(2)
+    B, N, D, H = 2, 4, 8, 2
+    attn = FusedQKVAttention(D, H).double()
+    with torch.no_grad():
+        attn.in_proj_weight.normal_()
+        attn.in_proj_bias.normal_()
+        attn.in_proj_weight[: 2 * D] = 0  # q and k rows
+        attn.in_proj_bias[: 2 * D] = 0
+        attn.out_proj.weight.copy_(torch.eye(D))
+        attn.out_proj.bias.zero_()
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    v = x @ attn.in_proj_weight[2 * D:].t() + attn.in_proj_bias[2 * D:]  # (B, N, D)
+    # q = k = 0: every logit is 0, so softmax is uniform over the attended positions
+    if causal:
+        # position i attends 0..i: (v_0 + ... + v_i) / (i + 1)
+        expected = v.cumsum(dim=1) / torch.arange(1, N + 1, dtype=torch.float64)[None, :, None]
+        out = attn(x, CLIP.causal_mask(N, dtype=torch.float64))
+    else:
+        # every position: (v_0 + v_1 + v_2 + v_3) / 4
+        expected = v.mean(dim=1, keepdim=True).expand(B, N, D)
+        out = attn(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    # position 0 under the mask sees itself only: exactly v_0 (up to rounding)
+    if causal:
+        torch.testing.assert_close(out[:, 0], v[:, 0], rtol=0, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. causal mask
+# ---------------------------------------------------------------------------------------------
+def test_causal_mask_values():
+    inf = float("-inf")
+    expected = torch.tensor([[0.0, inf, inf], [0.0, 0.0, inf], [0.0, 0.0, 0.0]])
+    m = CLIP.causal_mask(3)
+    assert m.dtype == torch.float32
+    assert torch.equal(m, expected)  # -inf == -inf in torch.equal
+    assert CLIP.causal_mask(3, dtype=torch.float64).dtype == torch.float64
+
+
+def test_causal_mask_hides_later_tokens_in_run_blocks():
+    model = tiny()
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, 64, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 4] += torch.randn(2, 64, dtype=torch.float64)  # change token 4 only
+    mask = CLIP.causal_mask(6, dtype=torch.float64)
+    with torch.no_grad():
+        y = CLIP.run_blocks(model.transformer.resblocks, x, mask)
+        y2 = model.run("text", x2)  # the interface: the text tower with its causal mask
+    assert torch.equal(y[:, :4], y2[:, :4])  # positions 0..3 never see token 4: bit-identical
+    assert not torch.allclose(y[:, 4:], y2[:, 4:])  # positions 4, 5 do see it
+    # without the mask every position sees token 4
+    with torch.no_grad():
+        z = CLIP.run_blocks(model.transformer.resblocks, x)
+        z2 = CLIP.run_blocks(model.transformer.resblocks, x2)
+    assert not torch.allclose(z[:, 0], z2[:, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the text tower
+# ---------------------------------------------------------------------------------------------
+EOT = VOCAB - 1
+IDS = torch.tensor([[3, 7, 5, 11, EOT, 0],    # end of text at position 4
+                    [4, EOT, 0, 0, 0, 0],     # end of text at position 1
+                    [2, 9, 8, EOT, 0, 0]])    # end of text at position 3
+
+
+def manual_text(model, ids, eot_pos):
+    """text_tokens -> blocks (causal) -> ln_final at the given positions -> @ text_projection, full length."""
+    x = model.token_embedding(ids) + model.positional_embedding[: ids.shape[1]]
+    mask = torch.full((ids.shape[1],) * 2, float("-inf"), dtype=x.dtype).triu(1)
+    for blk in model.transformer.resblocks:
+        x = blk(x, mask)
+    x = model.ln_final(x[torch.arange(len(ids)), torch.tensor(eot_pos)])
+    return x @ model.text_projection
+
+
+def test_encode_text_pools_at_end_of_text_and_ignores_padding():
+    model = tiny()
+    with torch.no_grad():
+        e = model.encode_text(IDS)
+        # padded to the full context length (40) with zeros: the same embeddings
+        padded = torch.cat([IDS, torch.zeros(3, 40 - 6, dtype=torch.long)], dim=1)
+        e_pad = model.encode_text(padded)
+        # the manual computation on the whole uncropped 40-token sequence, pooled at 4, 1, 3
+        e_ref = manual_text(model, padded, [4, 1, 3])
+        # a token after row 1's end of text (position 3, inside the others' span) changes row 1 nothing
+        other = IDS.clone()
+        other[1, 3] = 17
+        e_other = model.encode_text(other)
+    assert e.shape == (3, 64)
+    assert torch.equal(e, e_pad)
+    torch.testing.assert_close(e, e_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(e_other[1], e[1], rtol=0, atol=1e-12)
+    assert torch.equal(e_other[[0, 2]], e[[0, 2]])
+    # pooling somewhere else (the position before the end of text) gives another embedding
+    with torch.no_grad():
+        wrong = manual_text(model, padded, [3, 0, 2])
     for b in range(3):
-        kept = visible[b, :, 0].long()
-        assert torch.equal(mask[b, kept], torch.zeros(2))  # the kept tokens are the unmasked positions
-        # [visible; the rest] gathered with ids_restore is the original order
-        rest = torch.tensor([i for i in range(8) if i not in kept.tolist()], dtype=torch.float)
-        shuffled = torch.cat([kept.float(), rest])
-        assert sorted(shuffled.tolist()) == list(range(8))
-        assert torch.equal(torch.sort(shuffled[restore[b]]).values, torch.arange(8.0))
+        assert not torch.allclose(wrong[b], e[b])
 
 
-def test_patchify_orders_rows_then_columns_then_channels():
-    x = torch.arange(16.0).view(1, 1, 4, 4)
-    p = common.patchify(x, 2)  # 4 patches of 2 x 2
-    assert p[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
-    rgb = torch.stack([torch.zeros(2, 2), torch.ones(2, 2), 2 * torch.ones(2, 2)]).unsqueeze(0)  # (1, 3, 2, 2)
-    assert common.patchify(rgb, 2)[0, 0].tolist() == [0, 1, 2] * 4  # channel is the fastest index
+# ---------------------------------------------------------------------------------------------
+# 6. the image tower
+# ---------------------------------------------------------------------------------------------
+def test_encode_image_equals_manual_computation():
+    model = tiny()
+    v = model.visual
+    torch.manual_seed(4)
+    img = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    p, g = 8, 6  # 48 / 8 = 6 patches a side, 36 patches
+    # patches in row-major order, each flattened (channel, row, col) as conv1's weight (D, 3, p, p)
+    patches = img.reshape(2, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(2, g * g, 3 * p * p)
+    with torch.no_grad():
+        x = patches @ v.conv1.weight.reshape(64, -1).t()                       # (2, 36, 64)
+        x = torch.cat([v.class_embedding.expand(2, 1, 64), x], dim=1) + v.positional_embedding
+        x = v.ln_pre(x)
+        tokens = model.embed("image", img)
+        h = x
+        for blk in v.transformer.resblocks:
+            h = blk(h)
+        expected = v.ln_post(h[:, 0]) @ v.proj
+        out = model.encode_image(img)
+    # 1 + (48 / 8)^2 = 1 + 36 = 37 tokens
+    assert tokens.shape == (2, 37, 64)
+    torch.testing.assert_close(tokens, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-def test_mae_loss_by_hand():
-    pred = torch.zeros(1, 2, 2, dtype=torch.float64)
-    target = torch.tensor([[[1.0, 3.0], [5.0, 5.0]]], dtype=torch.float64)
-    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64)  # only patch 0 was removed
-    # plain: mean((0 - 1)^2, (0 - 3)^2) = 5 over the removed patch only
-    assert common.mae_loss(pred, target, mask, norm_pix=False).item() == pytest.approx(5.0)
-    # normalised: patch [1, 3] has mean 2 and unbiased var 2 -> [-1, 1] / sqrt(2 + 1e-6); mse = 1 / (2 + 1e-6)
-    assert common.mae_loss(pred, target, mask).item() == pytest.approx(1 / (2 + 1e-6))
+@pytest.mark.parametrize("rows, cols, token", [
+    # top-right patch: row 0, column 5 -> patch 0 * 6 + 5 = 5 -> token 1 + 5 = 6
+    (slice(0, 8), slice(40, 48), 6),
+    (slice(40, 48), slice(0, 8), 31),   # bottom-left patch: row 5, column 0 -> patch 5 * 6 = 30 -> token 31
+    (slice(8, 16), slice(16, 24), 9),   # row 1, column 2 -> patch 1 * 6 + 2 = 8 -> token 9
+])
+def test_image_tokens_are_row_major_patches(rows, cols, token):
+    model = tiny()
+    torch.manual_seed(5)
+    img = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    img2 = img.clone()
+    img2[:, :, rows, cols] += 1.0
+    with torch.no_grad():
+        t, t2 = model.embed("image", img), model.embed("image", img2)
+    changed = [i for i in range(37) if not torch.equal(t[0, i], t2[0, i])]
+    assert changed == [token]
 
 
-def test_contrastive_loss_by_hand():
-    eye = torch.eye(2, dtype=torch.float64)
-    # S = [[20, 0], [0, 20]]: each video's own audio wins: -log(e^20 / (e^20 + 1)) = log(1 + e^-20)
-    assert common.contrastive_loss(eye, eye).item() == pytest.approx(math.log1p(math.exp(-20)), rel=1e-6)
-    # both audios equal: each video column sees (20, 20) or (0, 0) -> log 2 either way
-    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    assert common.contrastive_loss(same, eye).item() == pytest.approx(math.log(2))
+# ---------------------------------------------------------------------------------------------
+# 7. logits
+# ---------------------------------------------------------------------------------------------
+def test_forward_is_scaled_cosine_with_clamp():
+    model = tiny()
+    torch.manual_seed(6)
+    img = torch.randn(3, 3, 48, 48, dtype=torch.float64)
+    # logit_scale starts at ln(1 / 0.07) = 2.659260036932778, exp = 1 / 0.07 = 14.285714285714...
+    # (the parameter is born float32, so to float32 precision)
+    assert model.logit_scale.item() == pytest.approx(2.659260036932778, abs=1e-6)
+    scale = model.logit_scale.exp().item()
+    assert scale == pytest.approx(14.285714285714286, rel=1e-6)
+    with torch.no_grad():
+        # (3, 3)
+        cos = F.cosine_similarity(model.encode_image(img)[:, None], model.encode_text(IDS)[None, :], dim=-1)
+        logits = model(img, IDS)
+        torch.testing.assert_close(logits, scale * cos, rtol=0, atol=1e-12)
+        # exp(ln 1000) = 1000 > 100: clamped to 100
+        model.logit_scale.fill_(math.log(1000.0))
+        torch.testing.assert_close(model(img, IDS), 100.0 * cos, rtol=0, atol=1e-12)
+        # exp(ln 50) = 50 < 100: not clamped
+        model.logit_scale.fill_(math.log(50.0))
+        torch.testing.assert_close(model(img, IDS), 50.0 * cos, rtol=0, atol=1e-12)
+    assert logits.abs().max() <= scale + 1e-12
 
 
-def test_pretrain_losses_weights_and_decoder_keys():
-    torch.manual_seed(0)
-    model, decoder = CAVMAE("tiny"), common.CAVMAEDecoder("tiny")
-    losses = common.pretrain_losses(model, decoder, torch.randn(4, 128, 64), torch.randn(4, 3, 64, 64),
-                                    torch.Generator().manual_seed(0))
-    # L = 1.0 (L_mae_a + L_mae_v) + 0.01 L_c
-    expected = losses["mae_a"] + losses["mae_v"] + 0.01 * losses["contrastive"]
-    assert losses["loss"].item() == pytest.approx(expected.item())
-    # the published decoder's names (CAV-MAE's pre-trained checkpoint), none of them in the fine-tuned model
-    names = {k.split(".")[0] for k in decoder.state_dict()}
-    assert names == {"decoder_embed", "mask_token", "decoder_modality_a", "decoder_modality_v", "decoder_pos_embed_a",
-                     "decoder_pos_embed_v", "decoder_blocks", "decoder_norm", "decoder_pred_a", "decoder_pred_v"}
-    assert not names & {k.split(".")[0] for k in model.state_dict()}
-    assert decoder.decoder_pred_a.out_features == 16 * 16 and decoder.decoder_pred_v.out_features == 16 * 16 * 3
+# ---------------------------------------------------------------------------------------------
+# 8. CLIP's symmetric loss
+# ---------------------------------------------------------------------------------------------
+def test_clip_loss_by_hand():
+    d = dict(dtype=torch.float64)
+    # uniform logits over 4: both directions give ln 4 = 1.3862943611198906
+    assert common.clip_loss(torch.zeros(4, 4, **d)).item() == pytest.approx(1.3862943611198906, abs=1e-14)
+    # [[2, 0], [0, 2]]: each row and column CE = -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.1269280110429726
+    loss = common.clip_loss(torch.tensor([[2.0, 0.0], [0.0, 2.0]], **d)).item()
+    assert loss == pytest.approx(0.1269280110429726, abs=1e-14)
+    # [[1, 0], [2, 3]] (rows images, columns texts):
+    #   rows:    image 0: -log(e^1 / (e^1 + e^0)) = log(1 + e^-1) = 0.3132616875182229
+    #            image 1: -log(e^3 / (e^2 + e^3)) = log(1 + e^-1) = 0.3132616875182229; mean the same
+    #   columns: text 0 (1, 2): -log(e^1 / (e^1 + e^2)) = log(1 + e) = 1.3132616875182228
+    #            text 1 (0, 3): -log(e^3 / (e^0 + e^3)) = log(1 + e^-3) = 0.04858735157374196
+    #            mean 0.6809245195459824
+    #   total (0.3132616875182229 + 0.6809245195459824) / 2 = 0.4970931035321027
+    logits = torch.tensor([[1.0, 0.0], [2.0, 3.0]], **d)
+    assert common.clip_loss(logits).item() == pytest.approx(0.4970931035321027, abs=1e-14)
+    # the transpose swaps the two directions: same total
+    assert common.clip_loss(logits.t()).item() == pytest.approx(0.4970931035321027, abs=1e-14)
 
 
-def test_pretraining_keeps_position_embeddings_fixed_and_releases_them_after(tmp_path):
-    import data
-    import train
-    torch.manual_seed(0)
-    model = CAVMAE("tiny")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ds = data.AVTensors({"audio": torch.randn(16, 128, 64), "video": torch.randn(16, 3, 64, 64),
-                         "label": torch.arange(16) % 10})
-    args = train.build_parser().parse_args(["--pretrain-epochs", "1", "--config", "tiny"])
-    train.pretrain(model, ds, args, "cpu", quiet=True)
-    after = model.state_dict()
-    assert torch.equal(before["pos_embed_a"], after["pos_embed_a"]) and torch.equal(before["pos_embed_v"], after["pos_embed_v"])
-    assert model.pos_embed_a.requires_grad and model.pos_embed_v.requires_grad  # trainable again for fine-tuning
-    assert not torch.equal(before["blocks_a.0.attn.qkv.weight"], after["blocks_a.0.attn.qkv.weight"])
-    assert torch.equal(before["mlp_head.1.weight"], after["mlp_head.1.weight"])  # the head is not pre-trained
+# ---------------------------------------------------------------------------------------------
+# 9. the residual block
+# ---------------------------------------------------------------------------------------------
+def test_residual_block_is_pre_ln_with_residuals():
+    torch.manual_seed(7)
+    blk = ResidualBlock(16, 4).double()
+    with torch.no_grad():
+        for prm in blk.parameters():
+            prm.normal_(0, 0.5)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        # MLP branch off: x + attn(ln_1(x)) (pre-LN; post-LN would be ln_1(x + attn(x)))
+        blk.mlp.c_proj.weight.zero_()
+        blk.mlp.c_proj.bias.zero_()
+        torch.testing.assert_close(blk(x), x + blk.attn(blk.ln_1(x)), rtol=0, atol=1e-14)
+        # both branches off: the identity, bit for bit (x + 0 + 0)
+        blk.attn.out_proj.weight.zero_()
+        blk.attn.out_proj.bias.zero_()
+        assert torch.equal(blk(x), x)
+        assert torch.equal(blk(x, CLIP.causal_mask(5, dtype=torch.float64)), x)
+
+
+def test_residual_block_mlp_branch():
+    torch.manual_seed(8)
+    blk = ResidualBlock(8, 2).double()
+    with torch.no_grad():
+        for prm in blk.parameters():
+            prm.normal_(0, 0.5)
+        blk.attn.out_proj.weight.zero_()
+        blk.attn.out_proj.bias.zero_()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # attention branch off: x + c_proj(QuickGELU(c_fc(ln_2(x)))), QuickGELU(h) = h * sigmoid(1.702 h)
+        h = blk.mlp.c_fc(blk.ln_2(x))
+        expected = x + blk.mlp.c_proj(h * torch.sigmoid(1.702 * h))
+        torch.testing.assert_close(blk(x), expected, rtol=0, atol=1e-14)
