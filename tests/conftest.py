@@ -49,16 +49,19 @@ def key_list(path, prefix=""):
         if line.startswith("#") or not line.strip():
             continue
         name, shape = line.rstrip("\n").split("\t")
-        keys[name[len(prefix):] if name.startswith(prefix) else name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+        keys[name[len(prefix):] if name.startswith(prefix) else name] = tuple(
+            int(s) for s in shape.strip("()").split(",") if s.strip())
     return keys
 
 
 def spectrum_slope(grey):
-    """alpha of a radially averaged amplitude spectrum ~ 1 / f^alpha (least squares in log-log over 1 .. S/2 - 1
-    cycles per picture). grey (N, S, S) in [0, 1]; natural images have alpha about 1 (0.8 .. 1.6)."""
+    """alpha of a radially averaged amplitude spectrum ~ 1 / f^alpha (least squares in log-log over
+    1 .. S/2 - 1 cycles per picture). grey (N, S, S) in [0, 1]; natural images have alpha about 1
+    (0.8 .. 1.6)."""
     S = grey.shape[-1]
     amp = torch.fft.fft2(grey - grey.mean((1, 2), keepdim=True)).abs().mean(0)     # (S, S)
-    f = (torch.fft.fftfreq(S)[:, None] ** 2 + torch.fft.fftfreq(S)[None] ** 2).sqrt() * S  # cycles per picture
+    # cycles per picture
+    f = (torch.fft.fftfreq(S)[:, None] ** 2 + torch.fft.fftfreq(S)[None] ** 2).sqrt() * S
     ring = f.round().long().flatten()
     keep = (ring >= 1) & (ring < S // 2)
     total = torch.zeros(S).index_add_(0, ring[keep], amp.flatten()[keep])

@@ -73,7 +73,8 @@ def test_bootstrap_loss_stop_gradient_on_self_attention():
     s = torch.randn(3, 5, 5, generator=g, **F64).requires_grad_(True)  # N_a = 2, N_v = 3
     abpem.attention_bootstrap_loss(s, n_audio=2).backward()
     g = s.grad
-    assert torch.count_nonzero(g[:, :2, :2]) == 0 and torch.count_nonzero(g[:, 2:, 2:]) == 0  # aa, vv detached
+    # aa, vv detached
+    assert torch.count_nonzero(g[:, :2, :2]) == 0 and torch.count_nonzero(g[:, 2:, 2:]) == 0
     assert torch.all(g[:, :2, 2:] != 0) and torch.all(g[:, 2:, :2] != 0)  # the cross blocks av, va move
 
 
@@ -137,9 +138,11 @@ def test_published_settings(dataset, modality, k, w_attn, bs):
     model = CAVMAE("tiny")
     adapter = abpem.setup(model, SimpleNamespace(dataset=dataset, modality=modality, use_cache=True))
     assert (adapter.k, adapter.w_attn, abpem.BATCH_SIZE[dataset]) == (k, w_attn, bs)
-    # the public code's feature cache, on in all four released scripts, is on by default (32 samples = 4 batches of 8)
+    # the public code's feature cache, on in all four released scripts, is on by default
+    # (32 samples = 4 batches of 8)
     assert adapter.cache is not None and adapter.cache.size == abpem.settings(dataset, modality)["cache_size"]
-    assert abpem.setup(model, SimpleNamespace(dataset=dataset, modality=modality, use_cache=False)).cache is None
+    assert abpem.setup(model, SimpleNamespace(dataset=dataset, modality=modality,
+                                              use_cache=False)).cache is None
     group = adapter.optimizer.param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-4, (0.9, 0.999), 0.0)
 

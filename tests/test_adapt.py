@@ -78,7 +78,8 @@ def test_read_predicts_after_the_update(tiny_batch):
     adapter = adapt.READ.setup(model, SimpleNamespace())
     out = adapter(tiny_batch)
     with torch.no_grad():
-        assert torch.allclose(out, model(tiny_batch["audio"], tiny_batch["video"]))  # the updated model's output
+        # the updated model's output
+        assert torch.allclose(out, model(tiny_batch["audio"], tiny_batch["video"]))
 
 
 # ---------------------------------------------------------------------------- thresholds and weights
@@ -118,7 +119,8 @@ def test_eata_redundancy_cosine_by_hand():
     m = torch.tensor([0.5, 0.3, 0.2], dtype=D)
     p = torch.tensor([[0.05, 0.05, 0.9]], dtype=D)
     # p.m = 0.025 + 0.015 + 0.18 = 0.22; |p| = sqrt(0.815) = 0.902774; |m| = sqrt(0.38) = 0.616441
-    # cos = 0.22 / (0.902774 * 0.616441) = 0.22 / 0.556506 = 0.395323: kept if epsilon = 0.4, dropped if epsilon = 0.1
+    # cos = 0.22 / (0.902774 * 0.616441) = 0.22 / 0.556506 = 0.395323:
+    # kept if epsilon = 0.4, dropped if epsilon = 0.1
     cos = adapt.eata_cosine(p, m)
     assert abs(cos.item() - 0.395323) < 1e-6 and cos.item() < 0.4 and not cos.item() < 0.1
     # m uniform over 50 classes, p one-hot: cos = (1/50) / (1 * sqrt(50) / 50) = 1 / sqrt(50) = 0.141421
@@ -139,13 +141,15 @@ def test_eata_moving_average_by_hand():
 def test_fisher_penalty_by_hand():
     p = [torch.tensor([1.0, 1.0], dtype=D)]
     # 1 * (1 - 0)^2 + 2 * (1 - 0.5)^2 = 1 + 0.5 = 1.5
-    assert adapt.fisher_penalty(p, [torch.tensor([1.0, 2.0], dtype=D)], [torch.tensor([0.0, 0.5], dtype=D)]).item() == 1.5
+    assert adapt.fisher_penalty(p, [torch.tensor([1.0, 2.0], dtype=D)],
+                                [torch.tensor([0.0, 0.5], dtype=D)]).item() == 1.5
 
 
 def test_fisher_is_the_mean_of_squared_batch_gradients():
     W = torch.zeros(2, 2, dtype=D, requires_grad=True)
     logits_fn = lambda x: x @ W  # logits [0, 0]: argmax 0, dCE/dlogits = p - y = (-0.5, 0.5)
-    F = adapt.fisher_diagonal(logits_fn, [W], [torch.tensor([[1.0, 0.0]], dtype=D), torch.tensor([[0.0, 2.0]], dtype=D)])
+    F = adapt.fisher_diagonal(logits_fn, [W],
+                              [torch.tensor([[1.0, 0.0]], dtype=D), torch.tensor([[0.0, 2.0]], dtype=D)])
     # batch 1: dW = [[-0.5, 0.5], [0, 0]] -> squared [[0.25, 0.25], [0, 0]]
     # batch 2: dW = [[0, 0], [-1, 1]] (x = 2) -> squared [[0, 0], [1, 1]]; F = sum / 2 batches
     assert torch.allclose(F[0], torch.tensor([[0.125, 0.125], [0.5, 0.5]], dtype=D))
@@ -168,18 +172,21 @@ def test_sam_perturbation_and_sar_ema_by_hand():
 def test_plpd_and_deyo_weight_by_hand():
     p = torch.tensor([[0.7, 0.2, 0.1]], dtype=D)
     p_shuffled = torch.tensor([[0.3, 0.5, 0.2]], dtype=D)
-    assert abs(adapt.plpd(p, p_shuffled).item() - 0.4) < 1e-12  # y_hat = 0: 0.7 - 0.3 (not 0.5, the new argmax)
+    # y_hat = 0: 0.7 - 0.3 (not 0.5, the new argmax)
+    assert abs(adapt.plpd(p, p_shuffled).item() - 0.4) < 1e-12
     e0 = 0.4 * LN50
     w = adapt.deyo_weight(torch.tensor([1.0, 1.8], dtype=D), torch.tensor([0.30, 0.25], dtype=D), e0)
     # exp(1.564809 - 1) + exp(0.3) = 1.759112 + 1.349859 = 3.108971
-    # exp(1.564809 - 1.8) + exp(0.25) = 0.790420 + 1.284025 = 2.074445; its loss term 1.8 * 2.074445 = 3.734002
+    # exp(1.564809 - 1.8) + exp(0.25) = 0.790420 + 1.284025 = 2.074445;
+    # its loss term 1.8 * 2.074445 = 3.734002
     assert torch.allclose(w, torch.tensor([3.108971, 2.074445], dtype=D), atol=1e-6)
     assert abs(adapt.weighted_entropy(torch.tensor([1.8], dtype=D), w[1:]).item() - 3.734002) < 1e-6
 
 
 def test_patch_shuffle_by_hand():
     x = torch.arange(16.0, dtype=D).reshape(1, 1, 4, 4)
-    # 2 x 2 tiles, row-major: T0 = [[0,1],[4,5]], T1 = [[2,3],[6,7]], T2 = [[8,9],[12,13]], T3 = [[10,11],[14,15]]
+    # 2 x 2 tiles, row-major: T0 = [[0,1],[4,5]], T1 = [[2,3],[6,7]],
+    # T2 = [[8,9],[12,13]], T3 = [[10,11],[14,15]]
     # order (3, 2, 1, 0): T3 T2 / T1 T0
     out = adapt.patch_shuffle(x, 2, perm=torch.tensor([[3, 2, 1, 0]]))
     expected = torch.tensor([[10, 11, 8, 9], [14, 15, 12, 13], [2, 3, 0, 1], [6, 7, 4, 5]], dtype=D)
@@ -193,7 +200,8 @@ def test_patch_shuffle_by_hand():
 
 # ---------------------------------------------------------------------------- READ at batch 64
 def confident_logits(counts):
-    """One row per sample, logit 30 on its class (p = 1 - 9e-13), 0 elsewhere; counts[k] samples of class k."""
+    """One row per sample, logit 30 on its class (p = 1 - 9e-13), 0 elsewhere;
+    counts[k] samples of class k."""
     rows = [[30.0 if j == k else 0.0 for j in range(10)] for k, c in enumerate(counts) for _ in range(c)]
     return torch.tensor(rows, dtype=D)
 
@@ -213,7 +221,8 @@ def ctx(calls=None):
         if calls is not None:
             calls.append((n, seed))
         g = torch.Generator().manual_seed(1)
-        return {"audio": torch.randn(12, 128, 64, generator=g), "video": torch.randn(12, 3, 64, 64, generator=g),
+        return {"audio": torch.randn(12, 128, 64, generator=g),
+                "video": torch.randn(12, 3, 64, 64, generator=g),
                 "label": torch.arange(12) % 10}
     return SimpleNamespace(num_classes=10, source_batch=source_batch, dataset="embedded", modality="video")
 
@@ -232,7 +241,8 @@ def make(name):
 
 
 def keep_everything(adapter):
-    """Thresholds that keep every sample of a random tiny model (near-uniform predictions, Ent <= ln 10 = 2.3)."""
+    """Thresholds that keep every sample of a random tiny model
+    (near-uniform predictions, Ent <= ln 10 = 2.3)."""
     if isinstance(adapter, adapt.DeYO):
         adapter.tau_ent, adapter.tau_plpd = 10.0, -math.inf
     else:  # EATA's E0 is also in its weight exp(E0 - Ent): finite
@@ -350,8 +360,10 @@ def test_sar_model_recovery_keeps_the_low_average(tiny_batch):
     keep_everything(adapter)
     adapter.reset_em = math.inf  # any average is below it: recover after the step
     adapter(tiny_batch)
-    assert changed_keys(start, model) == set() and len(adapter.optimizer.state) == 8  # weights back, Adam kept
-    assert adapter.recoveries == 1 and adapter.ema == adapter.losses["sam"]  # first ema = L2, kept after recovery
+    # weights back, Adam kept
+    assert changed_keys(start, model) == set() and len(adapter.optimizer.state) == 8
+    # first ema = L2, kept after recovery
+    assert adapter.recoveries == 1 and adapter.ema == adapter.losses["sam"]
     adapter.reset()
     assert adapter.ema is None
 
@@ -391,15 +403,17 @@ def run(tmp_path, *extra):
     return json.loads(out.read_text())
 
 
+# the fixture: the source model exists first
 @pytest.mark.slow
-def test_runner_end_to_end_and_paired_source(tmp_path, source_model):  # the fixture: the source model exists first
+def test_runner_end_to_end_and_paired_source(tmp_path, source_model):
     res = run(tmp_path, "--method", "read")
     acc = res["accuracy"]["gaussian_noise"]
     assert 0 <= acc["read"]["mean"] <= 100
     # the Source column is the frozen model's batch-averaged accuracy on the same stream
     assert abs(acc["source"]["mean"] - source_stream_accuracy("gaussian_noise", 64)) < 1e-9
     assert res["batch_size"] == {"source": 64, "read": 64} and res["samples_per_second"] > 0
-    assert res["source_ms_per_batch"] == {"64": res["ms_per_batch"]["source"]}  # one batch size: one time base
+    # one batch size: one time base
+    assert res["source_ms_per_batch"] == {"64": res["ms_per_batch"]["source"]}
 
 
 @pytest.mark.slow
@@ -411,7 +425,8 @@ def test_runner_same_seed_same_numbers(tmp_path):
 
 def test_runner_bad_corruption_name(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        adapt.main(["--method", "source", "--corruption", "gaussian_blurr", "--results", str(tmp_path / "r.json")])
+        adapt.main(["--method", "source", "--corruption", "gaussian_blurr",
+                    "--results", str(tmp_path / "r.json")])
     assert str(e.value).startswith("error: unknown video corruption 'gaussian_blurr'")  # main: the sentence
     assert not (tmp_path / "r.json").exists()
 
@@ -427,21 +442,23 @@ def test_runner_on_read_layout(tmp_path):
     adapt.main(read_layout_argv(tmp_path, "read") + ["--results", str(out), "--batch-size", "4"])
     res = json.loads(out.read_text())
     assert set(res["accuracy"]) == {"gaussian_noise"}
-    # 6 clips in batches of 4 and 2: batch accuracies are multiples of 25 and 50, their mean a multiple of 12.5
+    # 6 clips in batches of 4 and 2: batch accuracies are multiples of 25 and 50,
+    # their mean a multiple of 12.5
     acc = res["accuracy"]["gaussian_noise"]["read"]["mean"]
     assert 0 <= acc <= 100 and abs(acc / 12.5 - round(acc / 12.5)) < 1e-5
 
 
 def test_runner_both_modalities_on_read_layout_counts_dropped_clips(tmp_path, capsys):
-    argv = read_layout_argv(tmp_path, "source") + ["--modality", "both", "--corruption", "gaussian_noise+wind"]
+    argv = read_layout_argv(tmp_path, "source") + ["--modality", "both",
+                                                   "--corruption", "gaussian_noise+wind"]
     audio = tmp_path / "audio" / "wind" / "severity_5.json"
     entries = json.loads(audio.read_text())["data"]
     audio.write_text(json.dumps({"data": entries[1:]}))  # clip0 has no corrupted WAV
     out = tmp_path / "r.json"
     adapt.main(argv + ["--batch-size", "5", "--results", str(out)])
     video = tmp_path / "video" / "gaussian_noise" / "severity_5.json"
-    assert (f"dropped 1 of 6 clips of {video} missing from the audio list and 0 of 5 clips of {audio} missing "
-            f"from the video list") in capsys.readouterr().err
+    assert (f"dropped 1 of 6 clips of {video} missing from the audio list "
+            f"and 0 of 5 clips of {audio} missing from the video list") in capsys.readouterr().err
     # the 5 clips left in one batch of 5: the accuracy is a multiple of 100 / 5 = 20
     acc = json.loads(out.read_text())["accuracy"]["gaussian_noise+wind"]["source"]["mean"]
     assert abs(acc / 20 - round(acc / 20)) < 1e-5
@@ -479,22 +496,28 @@ def test_runner_read_layout_without_training_list_for_brimpr(tmp_path):
 def test_runner_methods_share_streams_and_sets(tmp_path, monkeypatch, capsys):
     built = []
     corrupted_set = adapt.corrupted_set
-    monkeypatch.setattr(adapt, "corrupted_set", lambda args, model, c: built.append(c) or corrupted_set(args, model, c))
+    monkeypatch.setattr(adapt, "corrupted_set",
+                        lambda args, model, c: built.append(c) or corrupted_set(args, model, c))
     out = tmp_path / "all.json"
-    adapt.main(["--methods", "tent", "eata", "sar", "deyo", "read", "abpem", "--corruption", "gaussian_noise,contrast",
-                "--seeds", "1", "2", "--results", str(out)])
+    adapt.main(["--methods", "tent", "eata", "sar", "deyo", "read", "abpem",
+                "--corruption", "gaussian_noise,contrast", "--seeds", "1", "2", "--results", str(out)])
     res = json.loads(out.read_text())
     assert built == ["gaussian_noise", "contrast"]  # each corrupted set built once for all methods and seeds
     assert res["methods"] == ["source", "tent", "eata", "sar", "deyo", "read", "abpem"]  # Source always first
-    assert res["batch_size"] == {"source": 64, "tent": 64, "eata": 64, "sar": 64, "deyo": 64, "read": 64, "abpem": 8}
-    # the Source column is the frozen model on the shuffled stream of batch 64; JSON average = mean over corruptions
+    assert res["batch_size"] == {"source": 64, "tent": 64, "eata": 64, "sar": 64, "deyo": 64, "read": 64,
+                                 "abpem": 8}
+    # the Source column is the frozen model on the shuffled stream of batch 64;
+    # JSON average = mean over corruptions
     for seed_i, seed in enumerate((1, 2)):
-        assert abs(res["accuracy"]["contrast"]["source"]["per_seed"][seed_i] - source_stream_accuracy("contrast", 64, seed)) < 1e-9
+        assert abs(res["accuracy"]["contrast"]["source"]["per_seed"][seed_i]
+                   - source_stream_accuracy("contrast", 64, seed)) < 1e-9
     for m in res["methods"]:
-        assert abs(res["average"][m] - (res["accuracy"]["gaussian_noise"][m]["mean"] + res["accuracy"]["contrast"][m]["mean"]) / 2) < 1e-9
+        assert abs(res["average"][m] - (res["accuracy"]["gaussian_noise"][m]["mean"]
+                                        + res["accuracy"]["contrast"][m]["mean"]) / 2) < 1e-9
     # ABPEM's time base: Source's forward on ABPEM's own batches of 8, timed in the same run
     assert set(res["source_ms_per_batch"]) == {"64", "8"} and res["time_ratio_to_source"]["source"] == 1.0
-    assert res["time_ratio_to_source"]["abpem"] == res["ms_per_batch"]["abpem"] / res["source_ms_per_batch"]["8"]
+    assert (res["time_ratio_to_source"]["abpem"]
+            == res["ms_per_batch"]["abpem"] / res["source_ms_per_batch"]["8"])
     table = capsys.readouterr().out
     header = next(line for line in table.splitlines() if line.startswith("corruption"))
     assert header.split() == ["corruption", "source", "tent", "eata", "sar", "deyo", "read", "abpem"]
@@ -507,19 +530,24 @@ def test_runner_methods_share_streams_and_sets(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_runner_source_seeds_stored_once(tmp_path, capsys):
     out = tmp_path / "src.json"
-    adapt.main(["--method", "source", "--corruption", "gaussian_noise", "--seeds", "1", "2", "--results", str(out)])
+    adapt.main(["--method", "source", "--corruption", "gaussian_noise", "--seeds", "1", "2",
+                "--results", str(out)])
     res = json.loads(out.read_text())
     per_seed = res["accuracy"]["gaussian_noise"]["source"]["per_seed"]
-    assert per_seed == [source_stream_accuracy("gaussian_noise", 64, 1), source_stream_accuracy("gaussian_noise", 64, 2)]
-    assert res["average"]["source"] == (per_seed[0] + per_seed[1]) / 2  # one corruption: the mean of the 2 seeds
+    assert per_seed == [source_stream_accuracy("gaussian_noise", 64, 1),
+                        source_stream_accuracy("gaussian_noise", 64, 2)]
+    # one corruption: the mean of the 2 seeds
+    assert res["average"]["source"] == (per_seed[0] + per_seed[1]) / 2
     average_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("average"))
     assert average_row.split()[1] == f"{res['average']['source']:.1f}"
 
 
 @pytest.mark.slow
 def test_runner_continual_and_both_with_methods(tmp_path):
-    both = run(tmp_path, "--methods", "tent", "read", "--modality", "both", "--corruption", "gaussian_noise+wind")
-    assert set(both["accuracy"]) == {"gaussian_noise+wind"} and set(both["average"]) == {"source", "tent", "read"}
+    both = run(tmp_path, "--methods", "tent", "read", "--modality", "both",
+               "--corruption", "gaussian_noise+wind")
+    assert (set(both["accuracy"]) == {"gaussian_noise+wind"}
+            and set(both["average"]) == {"source", "tent", "read"})
     single = run(tmp_path, "--methods", "tent", "--corruption", "gaussian_noise,contrast")
     cont = run(tmp_path, "--methods", "tent", "--corruption", "gaussian_noise,contrast", "--continual")
     # the continual stream starts from the source model, so its first corruption is the episodic run's;
@@ -533,9 +561,12 @@ def test_results_files_are_named_by_what_was_run():
     path = lambda argv: adapt.results_path(parse(argv), adapt.method_names(parse(argv)))
     wide = path(["--method", "tent"])
     assert wide.endswith("adapt_source-tent_video.json")
-    narrower = [path(["--method", "tent", "--corruption", "fog"]), path(["--method", "tent", "--continual"]),
-                path(["--method", "tent", "--severity", "3"]), path(["--method", "tent", "--seeds", "1", "2"]),
-                path(["--methods", "tent", "read"]), path(["--method", "tent", "--modality", "audio"]),
+    narrower = [path(["--method", "tent", "--corruption", "fog"]),
+                path(["--method", "tent", "--continual"]),
+                path(["--method", "tent", "--severity", "3"]),
+                path(["--method", "tent", "--seeds", "1", "2"]),
+                path(["--methods", "tent", "read"]),
+                path(["--method", "tent", "--modality", "audio"]),
                 path(["--method", "tent", "--batch-size", "8"])]
     assert len(set(narrower + [wide])) == len(narrower) + 1  # no two selections share a file
     assert narrower[0].endswith("adapt_source-tent_video_fog.json")
@@ -588,14 +619,16 @@ def test_checkpoint_of_another_data_seed_is_refused(tmp_path):
     (["--corruption", "fog,frog"], "unknown video corruption 'frog'"),
     (["--modality", "audio", "--corruption", "wind", "--noise-dir", "DIR"], "has no wind.wav"),
     (["--data", "read", "--data-root", "DIR"], "--data read needs --data-root, --label-csv, --checkpoint"),
-    (["--data", "read", "--data-root", "TEXT", "--label-csv", "TEXT", "--checkpoint", "TEXT", "--dataset", "ks50"],
+    (["--data", "read", "--data-root", "TEXT", "--label-csv", "TEXT", "--checkpoint", "TEXT",
+      "--dataset", "ks50"],
      "is not a folder"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, argv, message):
     (tmp_path / "notes.txt").write_text("my notes")
     sub = {"DIR": str(tmp_path), "TEXT": str(tmp_path / "notes.txt")}
     args = adapt.build_parser().parse_args(["--method", "source", "--corruption", "contrast",
-                                            "--results", str(tmp_path / "r.json")] + [sub.get(a, a) for a in argv])
+                                            "--results", str(tmp_path / "r.json")]
+                                           + [sub.get(a, a) for a in argv])
     refused(adapt.check_args, args, match=message)
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # nothing written
 
@@ -638,7 +671,8 @@ def test_help_states_every_default_and_the_methods():
 def test_ctrl_c_ends_with_one_line_and_writes_nothing(tmp_path, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(adapt, "corrupted_set", interrupt)  # stopped during the data work of the first corruption
+    # stopped during the data work of the first corruption
+    monkeypatch.setattr(adapt, "corrupted_set", interrupt)
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit) as e:
         adapt.main(["--method", "tent", "--checkpoint", tiny10(tmp_path), "--corruption", "contrast",

@@ -1,6 +1,6 @@
-"""Properties of the two embedded benchmarks (audio-video; image-text food / imdb / memes), each checked on the
-generated data itself or on the frozen source backbone (never on a method's score), and a few pinned values
-of each, so that a change to the data is caught. All slow: they need the whole generated benchmark."""
+"""Properties of the two embedded benchmarks (audio-video; image-text food / imdb / memes), each checked on
+the generated data itself or on the frozen source backbone (never on a method's score), and a few pinned
+values of each, so that a change to the data is caught. All slow: they need the whole generated benchmark."""
 import math
 
 import pytest
@@ -35,7 +35,8 @@ def test_pinned_values_of_the_audio_video_benchmark(raw):
     assert int(raw["val"]["count"].sum()) == 748
     tiny = CAVMAE("tiny")
     clean = data.embedded_split("test", tiny)
-    assert clean.fields["audio"][0, 0, :3].tolist() == [-1.1333855390548706, -1.127546787261963, -1.072180151939392]
+    assert clean.fields["audio"][0, 0, :3].tolist() == [-1.1333855390548706, -1.127546787261963,
+                                                        -1.072180151939392]
     assert clean.fields["video"][0, :, 0, 0].tolist() == [-0.6965493559837341, -0.3550419807434082,
                                                           -0.46239641308784485]
     fog = data.embedded_split("test", tiny, video_corruption="fog").fields["video"]
@@ -47,10 +48,13 @@ def test_pinned_values_of_the_audio_video_benchmark(raw):
 def test_pinned_values_of_the_image_text_benchmark(it_raw):
     food, imdb, memes = (it_raw[t]["test"] for t in ("food", "imdb", "memes"))
     assert food["texts"][0] == "medium green gazpacho on right homemade with"
-    assert food["label"][:6].tolist() == [8, 1, 13, 2, 2, 19] and int(food["images"].long().sum()) == 906445573
-    assert imdb["label"][1].nonzero().flatten().tolist() == [3, 9] and int(imdb["images"].long().sum()) == 699580708
+    assert (food["label"][:6].tolist() == [8, 1, 13, 2, 2, 19]
+            and int(food["images"].long().sum()) == 906445573)
+    assert (imdb["label"][1].nonzero().flatten().tolist() == [3, 9]
+            and int(imdb["images"].long().sum()) == 699580708)
     assert memes["texts"][0] == "must four tiny objects on top okay okay fine and"
-    assert memes["images"][0, :, 0, 0].tolist() == [77, 75, 68] and int(memes["images"].long().sum()) == 692680707
+    assert (memes["images"][0, :, 0, 0].tolist() == [77, 75, 68]
+            and int(memes["images"].long().sum()) == 692680707)
 
 
 def spearman(a, b):
@@ -122,7 +126,8 @@ def test_sounds_are_events_with_onsets_and_several_components(raw):
     # several spectral components: at least 3 of the (5) partials stand 10 x above the median level
     spectrum = F.avg_pool1d(torch.fft.rfft(wav).abs()[:, None], 9, 1, 4)[:, 0]
     med = spectrum.median(1, keepdim=True).values
-    peaks = (spectrum[:, 1:-1] > spectrum[:, :-2]) & (spectrum[:, 1:-1] >= spectrum[:, 2:]) & (spectrum[:, 1:-1] > 10 * med)
+    peaks = ((spectrum[:, 1:-1] > spectrum[:, :-2]) & (spectrum[:, 1:-1] >= spectrum[:, 2:])
+             & (spectrum[:, 1:-1] > 10 * med))
     assert (peaks.sum(1) >= 3).float().mean() > 0.9
 
 
@@ -152,7 +157,8 @@ def test_severity_5_degrades_like_kinetics50_c_and_vggsound_c(source_model):
     # the audio average 30-85% (Kinetics50-C / VGGSound-C: 60.5 / 56.2 video, 69.4 / 25.0 audio)
     def accuracy(**corruption):
         ds = data.embedded_split("test", source_model, **corruption)
-        return train.evaluate(source_model, data.make_loader(ds, 256, shuffle=False), "cpu", ("multimodal",))["multimodal"]
+        return train.evaluate(source_model, data.make_loader(ds, 256, shuffle=False), "cpu",
+                              ("multimodal",))["multimodal"]
     clean = accuracy()
     video = [accuracy(video_corruption=c) for c in data.VIDEO_CORRUPTIONS]
     audio = [accuracy(audio_corruption=c) for c in data.AUDIO_CORRUPTIONS]
@@ -164,7 +170,8 @@ def test_severity_5_degrades_like_kinetics50_c_and_vggsound_c(source_model):
 # ---------------------------------------------------------------------------- the image-text benchmark
 def object_mask(images):
     """The objects' pixels: saturation (max - min) / max above 0.6 and value above 0.15 (objects are drawn
-    with saturation 0.75 .. 0.95, the scene with at most 0.45). images uint8 (N, 3, S, S) -> (N, S, S) bool."""
+    with saturation 0.75 .. 0.95, the scene with at most 0.45).
+    images uint8 (N, 3, S, S) -> (N, S, S) bool."""
     x = images.float() / 255
     hi, lo = x.amax(1), x.amin(1)
     return ((hi - lo) / hi.clamp_min(1e-6) > 0.6) & (hi > 0.15)
@@ -256,7 +263,8 @@ def test_texts_name_what_the_picture_shows_per_sample(it_raw):
 
 
 def test_texts_vary_in_length_and_use_synonyms_and_noise(it_raw):
-    lengths = {t: torch.tensor([len(s.split()) for s in it_raw[t]["train"]["texts"]]).float() for t in data.IT_TASKS}
+    lengths = {t: torch.tensor([len(s.split()) for s in it_raw[t]["train"]["texts"]]).float()
+               for t in data.IT_TASKS}
     for t, n in lengths.items():
         assert n.std() >= 1.5, t
     assert lengths["imdb"].mean() >= 2 * lengths["food"].mean()  # plots are longer than titles
@@ -280,7 +288,8 @@ def test_the_class_shows_at_a_fine_scale_too(it_raw):
     mask = object_mask(d["images"]).float()
     pattern = d["label"] % 4                                                  # motif c: pattern = c % 4
     big = d["size"] == 2
-    spec = torch.fft.fft2((x - (x * mask).sum((1, 2), keepdim=True) / mask.sum((1, 2), keepdim=True).clamp_min(1)) * mask).abs()
+    spec = torch.fft.fft2((x - (x * mask).sum((1, 2), keepdim=True)
+                           / mask.sum((1, 2), keepdim=True).clamp_min(1)) * mask).abs()
     S = x.shape[-1]
     f = (torch.fft.fftfreq(S)[:, None] ** 2 + torch.fft.fftfreq(S)[None] ** 2).sqrt()
     P = data.IT_EMBEDDED["pattern_period"]
@@ -328,7 +337,8 @@ def test_a_head_without_input_scores_chance(probes_of_nothing, it_raw):
     assert probes_of_nothing["food"] == pytest.approx(5.0, abs=0.2)  # one class of 20 (1024 / 20 = 51.2 each)
     assert probes_of_nothing["memes"] == pytest.approx(50.0)  # constant scores: every pair a tie
     p = it_raw["imdb"]["test"]["label"].mean(0)
-    # only the genre seen in >= 50% of the training films is predicted: F1 = 2 p / (1 + p) for it, 0 for the others
+    # only the genre seen in >= 50% of the training films is predicted:
+    # F1 = 2 p / (1 + p) for it, 0 for the others
     assert probes_of_nothing["imdb"] == pytest.approx(100.0 * (2 * p[0] / (1 + p[0])).item() / 12, abs=0.01)
 
 

@@ -28,8 +28,8 @@ def test_stat_distance_by_hand():
     assert d.dtype == torch.float64 and d.shape == (2,)
     assert d.tolist() == pytest.approx([6.0, 0.0], abs=1e-12)
     # a 3-4-5 triangle in the std alone, means equal: ||(-3, -4)||_2 = 5
-    assert brimpr.stat_distance(mean_s[0], std_s[0] + torch.tensor([3., 4.], **f64), mean_s[0], std_s[0]).item() \
-        == pytest.approx(5.0, abs=1e-12)
+    assert brimpr.stat_distance(mean_s[0], std_s[0] + torch.tensor([3., 4.], **f64),
+                                mean_s[0], std_s[0]).item() == pytest.approx(5.0, abs=1e-12)
 
 
 def test_identical_statistics_give_zero_distance_and_finite_gradient():
@@ -82,7 +82,8 @@ def test_modality_weights_by_hand():
 
 
 def test_soft_cross_entropy_by_hand_teacher_softened_only():
-    student = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]], **f64)  # softmax (3/4, 1/4), (1/4, 3/4)
+    # softmax (3/4, 1/4), (1/4, 3/4)
+    student = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]], **f64)
     teacher = torch.tensor([[2 * math.log(3.0), 0.0], [0.0, 0.0]], **f64)
     # T = 2: teacher row 0 -> softmax(ln 3, 0) = (3/4, 1/4); row 1 uniform (1/2, 1/2)
     # row 0: -(3/4 ln 3/4 + 1/4 ln 1/4) = 0.2157616 + 0.3465736 = 0.5623351
@@ -107,7 +108,8 @@ def test_cmer_loss_by_hand():
     teacher = torch.tensor([[5., 1., 0., -2.]], **f64)
     # CE(anything, uniform student) = -sum_k p_k ln(1/4) = ln 4 for both terms
     # lambda_a = 0.3, lambda_v = 0.7: 0.3 ln 4 + 0.7 ln 4 = ln 4 = 1.3862944
-    assert brimpr.cmer_loss(uniform, uniform, teacher, 1.1, 0.3, 0.7).item() == pytest.approx(math.log(4), abs=1e-12)
+    assert (brimpr.cmer_loss(uniform, uniform, teacher, 1.1, 0.3, 0.7).item()
+            == pytest.approx(math.log(4), abs=1e-12))
     sharp = torch.tensor([[math.log(3.0), 0.0]], **f64)  # (3/4, 1/4)
     flat = torch.zeros(1, 2, **f64)
     target = torch.tensor([[1000.0, 0.0]], **f64)  # one-hot on class 0
@@ -157,7 +159,8 @@ def test_info_nce_is_the_mean_of_both_directions_by_hand():
 
 
 def test_total_loss_unit_weights():
-    assert brimpr.total_loss(torch.tensor(1.5, **f64), torch.tensor(0.25, **f64), 2.0).item() == 3.75  # 1.5 + 0.25 + 2
+    # 1.5 + 0.25 + 2
+    assert brimpr.total_loss(torch.tensor(1.5, **f64), torch.tensor(0.25, **f64), 2.0).item() == 3.75
 
 
 # ----------------------------------------------------------------------------------------------

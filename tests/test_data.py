@@ -48,9 +48,11 @@ def test_frames_to_input_imagenet_normalisation():
     white = torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)
     black = torch.zeros((1, 3, 8, 8), dtype=torch.uint8)
     # (1 - 0.485) / 0.229 = 2.248908, (1 - 0.456) / 0.224 = 2.428571, (1 - 0.406) / 0.225 = 2.64
-    assert torch.allclose(data.frames_to_input(white, 8)[0, :, 0, 0], torch.tensor([2.248908, 2.428571, 2.64]), atol=1e-5)
+    assert torch.allclose(data.frames_to_input(white, 8)[0, :, 0, 0],
+                          torch.tensor([2.248908, 2.428571, 2.64]), atol=1e-5)
     # -0.485 / 0.229 = -2.117904, -0.456 / 0.224 = -2.035714, -0.406 / 0.225 = -1.804444
-    assert torch.allclose(data.frames_to_input(black, 8)[0, :, 0, 0], torch.tensor([-2.117904, -2.035714, -1.804444]), atol=1e-5)
+    assert torch.allclose(data.frames_to_input(black, 8)[0, :, 0, 0],
+                          torch.tensor([-2.117904, -2.035714, -1.804444]), atol=1e-5)
     # a constant frame stays constant through resize + centre crop to another size
     out = data.frames_to_input(white, 4)
     assert out.shape == (1, 3, 4, 4) and torch.allclose(out, out[:, :, :1, :1].expand_as(out), atol=1e-5)
@@ -104,11 +106,13 @@ def test_corrupted_test_split_changes_only_its_modality():
     assert torch.equal(clean.fields["video"], aud.fields["video"])
     assert not torch.equal(clean.fields["audio"], aud.fields["audio"])
     # the corrupted set is the same on every call
-    assert torch.equal(aud.fields["audio"], data.embedded_split("test", m, audio_corruption="gaussian_noise").fields["audio"])
+    assert torch.equal(aud.fields["audio"],
+                       data.embedded_split("test", m, audio_corruption="gaussian_noise").fields["audio"])
 
 
 def test_make_loader_gives_the_batches_of_per_clip_fetching():
-    ds = data.AVTensors({"audio": torch.randn(70, 4, 2), "video": torch.randn(70, 3, 2, 2), "label": torch.arange(70)})
+    ds = data.AVTensors({"audio": torch.randn(70, 4, 2), "video": torch.randn(70, 3, 2, 2),
+                         "label": torch.arange(70)})
     for shuffle in (True, False):
         torch.manual_seed(3)
         ours = list(data.make_loader(ds, 32, shuffle=shuffle, seed=7))
@@ -124,7 +128,9 @@ def test_make_loader_gives_the_batches_of_per_clip_fetching():
 
 
 def test_empty_dataset_is_an_error():
-    refused(data.AVTensors, {"audio": torch.zeros(0, 2, 2), "video": torch.zeros(0, 3, 2, 2), "label": torch.zeros(0)}, match='empty')
+    refused(data.AVTensors,
+            {"audio": torch.zeros(0, 2, 2), "video": torch.zeros(0, 3, 2, 2), "label": torch.zeros(0)},
+            match='empty')
 
 
 # ---------------------------------------------------------------------------- missing modalities
@@ -153,7 +159,8 @@ def test_cmpt_and_map_counts_by_hand():
 
 
 def test_with_missing_puts_the_blank_and_the_flags():
-    ds = data.AVTensors({"audio": torch.ones(3, 4, 2), "video": torch.ones(3, 3, 2, 2), "label": torch.arange(3)})
+    ds = data.AVTensors({"audio": torch.ones(3, 4, 2), "video": torch.ones(3, 3, 2, 2),
+                         "label": torch.arange(3)})
     has = {"audio": torch.tensor([True, False, True]), "video": torch.tensor([True, True, False])}
     out = data.with_missing(ds, has, {"audio": torch.zeros(4, 2), "video": torch.full((3, 2, 2), 0.5)})
     assert out.fields["audio"].sum(dim=(1, 2)).tolist() == [8.0, 0.0, 8.0]  # 4 x 2 ones, or zeros
@@ -176,12 +183,13 @@ def make_read_layout(root, n=6, num_classes=3, missing_wav=(), only_frame_3=()):
         for fi in ((3,) if i in only_frame_3 else (0, 5)):
             os.makedirs(frames_dir / f"frame_{fi}", exist_ok=True)
             img = (torch.rand(3, 40, 48, generator=g) * 255).to(torch.uint8)
-            torchvision.io.write_file(str(frames_dir / f"frame_{fi}" / f"{vid}.jpg"), torchvision.io.encode_jpeg(img))
+            torchvision.io.write_file(str(frames_dir / f"frame_{fi}" / f"{vid}.jpg"),
+                                      torchvision.io.encode_jpeg(img))
         os.makedirs(wav_dir, exist_ok=True)
         if i not in missing_wav:
             data.write_wav(str(wav_dir / f"{vid}.wav"), 0.1 * torch.randn(16000, generator=g))
-        entries.append({"video_id": vid, "wav": str(wav_dir / f"{vid}.wav"), "video_path": str(frames_dir) + "/",
-                        "labels": f"/m/c{i % num_classes}"})
+        entries.append({"video_id": vid, "wav": str(wav_dir / f"{vid}.wav"),
+                        "video_path": str(frames_dir) + "/", "labels": f"/m/c{i % num_classes}"})
     for sub in ("clean", "video/gaussian_noise", "audio/wind"):
         os.makedirs(root / sub, exist_ok=True)
         name = "severity_0.json" if sub == "clean" else "severity_5.json"
@@ -196,7 +204,8 @@ def read_layout_argv(root, method, n=6):
     ckpt = root / "tiny3.pt"
     common.save_checkpoint(str(ckpt), CAVMAE("tiny", num_classes=3))
     return ["--method", method, "--data", "read", "--dataset", "ks50", "--data-root", str(root),
-            "--label-csv", str(root / "labels.csv"), "--checkpoint", str(ckpt), "--corruption", "gaussian_noise"]
+            "--label-csv", str(root / "labels.csv"), "--checkpoint", str(ckpt),
+            "--corruption", "gaussian_noise"]
 
 
 def test_read_layout_loader(tmp_path, capsys):
@@ -209,7 +218,8 @@ def test_read_layout_loader(tmp_path, capsys):
     assert labels == [0, 1, 2, 0, 2]  # clips 0, 1, 2, 3, 5 with label i % 3
     item = ds[2]
     assert item["audio"].shape == (128, 64) and item["video"].shape == (3, 64, 64)
-    assert ds.items[2][1].endswith(os.path.join("frame_3", "clip2.jpg"))  # frame_5 missing: fell back to frame_3
+    # frame_5 missing: fell back to frame_3
+    assert ds.items[2][1].endswith(os.path.join("frame_3", "clip2.jpg"))
 
 
 def test_read_layout_errors(tmp_path):
@@ -243,10 +253,13 @@ def test_read_layout_both_modalities_counts_the_clips_in_one_list_only(tmp_path,
                                 video_corruption="gaussian_noise", audio_corruption="wind")
     # clips 2, 3, 4 are in both lists; clip0 and clip1 only in the video list, clip5 only in the audio list
     assert [os.path.basename(w) for w, _, _ in ds.items] == ["clip2.wav", "clip3.wav", "clip4.wav"]
-    assert capsys.readouterr().err == (f"[data] --modality both: dropped 2 of 5 clips of {video} missing from the "
-                                       f"audio list and 1 of 4 clips of {audio} missing from the video list\n")
+    assert capsys.readouterr().err == (
+        f"[data] --modality both: dropped 2 of 5 clips of {video} missing from the "
+        f"audio list and 1 of 4 clips of {audio} missing from the video list\n")
     write_list(tmp_path / "audio" / "wind" / "severity_5.json", entries[5:])
-    refused(data.read_layout_split, str(tmp_path), str(tmp_path / "labels.csv"), CAVMAE("tiny"), video_corruption="gaussian_noise", audio_corruption="wind", match='The video list and the audio list ')
+    refused(data.read_layout_split, str(tmp_path), str(tmp_path / "labels.csv"), CAVMAE("tiny"),
+            video_corruption="gaussian_noise", audio_corruption="wind",
+            match='The video list and the audio list ')
 
 
 def test_clip_listed_twice_is_refused_naming_it_and_both_positions(tmp_path):
@@ -267,8 +280,9 @@ def test_clip_with_several_labels_is_refused(tmp_path):
     entries = make_read_layout(tmp_path, n=3)
     multi = write_list(tmp_path / "multi.json", [entries[0], dict(entries[1], labels="/m/c1,/m/c2")])
     # VGGSound-style comma-separated mids: the first would be scored
-    assert refused(data.ReadLayoutDataset, multi, str(tmp_path / "labels.csv")) == (f"Clip clip1 in {multi} has 2 labels, but these runs are single-label; keep the one "
-                            f"label to score it against.")
+    assert refused(data.ReadLayoutDataset, multi, str(tmp_path / "labels.csv")) == (
+        f"Clip clip1 in {multi} has 2 labels, but these runs are single-label; keep the one "
+        f"label to score it against.")
 
 
 # ---------------------------------------------------------------------------- bad inputs, one sentence each
@@ -281,7 +295,8 @@ def test_label_csv_indices_must_be_exactly_0_to_k_minus_1(tmp_path):
     make_read_layout(tmp_path, n=3)
     # 1-based indices: class k would be scored against output k - 1 (adapt.py: a silently wrong accuracy;
     # train.py: IndexError at index 3 of a 3-way head)
-    one_based = write_labels(tmp_path / "l1.csv", ["index,mid,display_name", "1,/m/c0,a", "2,/m/c1,b", "3,/m/c2,c"])
+    one_based = write_labels(tmp_path / "l1.csv",
+                             ["index,mid,display_name", "1,/m/c0,a", "2,/m/c1,b", "3,/m/c2,c"])
     refused(data.read_label_csv, one_based, match='l1.csv has indices other than 0..2 (each once)')
     gap = write_labels(tmp_path / "l2.csv", ["0,/m/c0", "1,/m/c1", "5,/m/c2"])
     refused(data.read_label_csv, gap, match='l2.csv has indices other than 0..2')
@@ -299,7 +314,8 @@ def test_label_csv_indices_must_be_exactly_0_to_k_minus_1(tmp_path):
     ('{"data": [1, 2]}', "needs the strings video_id, wav, video_path, labels"),
     ('{"data": [{"video_id": 7, "wav": "a.wav", "video_path": "f/", "labels": "/m/c0"}]}', "Entry 0 of"),
     ('{"data": [{"video_id": "a", "wav": "a.wav", "video_path": "f/", "labels": ["/m/c0"]}]}', "Entry 0 of"),
-    ('{"data": [{"video_id": "a", "wav": " ", "video_path": "f/", "labels": ""}]}', "only labels may be empty"),
+    ('{"data": [{"video_id": "a", "wav": " ", "video_path": "f/", "labels": ""}]}',
+     "only labels may be empty"),
     ('{"data": [', "is not valid JSON"),
 ])
 def test_json_list_with_wrong_types_is_refused(tmp_path, content, message):
@@ -316,20 +332,25 @@ def raw_wav(path, channels=1, width=2, rate=16000, payload=b"", declared_frames=
     """A WAV header written byte by byte (the wave module refuses to write 0 channels)."""
     import struct
     fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * width, channels * width, 8 * width)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(payload)) + payload
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", len(payload)) + payload)
     path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
     return str(path)
 
 
 def test_bad_wavs_are_named_and_odd_sizes_read_correctly(tmp_path):
     refused(data.wav_info, raw_wav(tmp_path / "empty.wav"), match='empty WAV file')
-    refused(data.wav_info, raw_wav(tmp_path / "zero.wav", channels=0, payload=b"\x00\x00"), match='bad # of channels')
-    refused(data.wav_info, raw_wav(tmp_path / "zerohz.wav", rate=0, payload=b"\x00\x00"), match='sample rate of 0 Hz')
+    refused(data.wav_info, raw_wav(tmp_path / "zero.wav", channels=0, payload=b"\x00\x00"),
+            match='bad # of channels')
+    refused(data.wav_info, raw_wav(tmp_path / "zerohz.wav", rate=0, payload=b"\x00\x00"),
+            match='sample rate of 0 Hz')
     (tmp_path / "text.wav").write_text("hello")
     refused(data.read_wav, tmp_path / "text.wav", match='is not a PCM WAV file')
-    # 16-bit stereo with a stray byte at the end: two whole frames (1000, 3000) and (-2000, 0), the byte dropped
+    # 16-bit stereo with a stray byte at the end:
+    # two whole frames (1000, 3000) and (-2000, 0), the byte dropped
     import struct
-    odd = raw_wav(tmp_path / "odd.wav", channels=2, payload=struct.pack("<4h", 1000, 3000, -2000, 0) + b"\x07")
+    odd = raw_wav(tmp_path / "odd.wav", channels=2,
+                  payload=struct.pack("<4h", 1000, 3000, -2000, 0) + b"\x07")
     wav, rate = data.read_wav(odd)
     # mono = mean of the channels: (1000 + 3000) / 2 / 32768 = 0.061035, (-2000 + 0) / 2 / 32768 = -0.030518
     assert rate == 16000 and torch.allclose(wav, torch.tensor([2000 / 32768, -1000 / 32768]))
@@ -339,12 +360,15 @@ def test_read_layout_refuses_empty_short_and_non_image_files_up_front(tmp_path):
     entries = make_read_layout(tmp_path, n=2)
     csv_path = str(tmp_path / "labels.csv")
     raw_wav(tmp_path / "wav" / "clip0.wav")  # 0 samples
-    refused(data.ReadLayoutDataset, str(tmp_path / "clean" / "severity_0.json"), csv_path, match='clip0.wav is an empty WAV file')
+    refused(data.ReadLayoutDataset, str(tmp_path / "clean" / "severity_0.json"), csv_path,
+            match='clip0.wav is an empty WAV file')
     data.write_wav(str(tmp_path / "wav" / "clip0.wav"), torch.zeros(100))  # 6.25 ms
-    refused(data.ReadLayoutDataset, str(tmp_path / "clean" / "severity_0.json"), csv_path, match='lasts 6.2 ms, shorter than one 25 ms fbank window')
+    refused(data.ReadLayoutDataset, str(tmp_path / "clean" / "severity_0.json"), csv_path,
+            match='lasts 6.2 ms, shorter than one 25 ms fbank window')
     data.write_wav(str(tmp_path / "wav" / "clip0.wav"), torch.zeros(16000))
     (tmp_path / "frames" / "frame_5" / "clip1.jpg").write_text("not an image")
-    refused(data.ReadLayoutDataset, str(tmp_path / "clean" / "severity_0.json"), csv_path, match='clip1.jpg is not a JPEG or PNG image')
+    refused(data.ReadLayoutDataset, str(tmp_path / "clean" / "severity_0.json"), csv_path,
+            match='clip1.jpg is not a JPEG or PNG image')
     assert entries[1]["video_id"] == "clip1"
 
 
@@ -442,7 +466,8 @@ def test_contrast_two_by_two():
 
 
 def test_brightness_hsv_value_shift():
-    x = torch.tensor([[0.2, 0.4, 0.1], [0.0, 0.0, 0.0], [0.8, 0.4, 0.2]], dtype=torch.float64).T.reshape(1, 3, 1, 3)
+    x = torch.tensor([[0.2, 0.4, 0.1], [0.0, 0.0, 0.0], [0.8, 0.4, 0.2]],
+                     dtype=torch.float64).T.reshape(1, 3, 1, 3)
     y = brightness(x, 0.5)[0, :, 0].T                   # (3 pixels, rgb)
     # V = max(.2, .4, .1) = .4 -> .9: rgb * .9 / .4 = (.45, .9, .225)
     assert torch.allclose(y[0], torch.tensor([0.45, 0.9, 0.225], dtype=torch.float64), atol=1e-12, rtol=0)
@@ -619,8 +644,10 @@ def test_frost_dir_photograph_is_used(tmp_path):
     torchvision.io.write_png(ice, str(tmp_path / 'frost1.png'))
     x = textured(2)
     y = corrupt_video(x, 'frost', 3, gen(), frost_dir=str(tmp_path))
-    # severity 3 = (.7, .7): clip(.7 x + .7 * (100, 150, 200) / 255); a constant photo stays constant when resized
-    expected = (0.7 * x + 0.7 * torch.tensor([100, 150, 200], dtype=torch.float64).view(1, 3, 1, 1) / 255).clamp(0, 1)
+    # severity 3 = (.7, .7): clip(.7 x + .7 * (100, 150, 200) / 255);
+    # a constant photo stays constant when resized
+    expected = (0.7 * x
+                + 0.7 * torch.tensor([100, 150, 200], dtype=torch.float64).view(1, 3, 1, 1) / 255).clamp(0, 1)
     assert torch.allclose(y, expected, atol=1e-6, rtol=0)
     (tmp_path / 'empty').mkdir()
     for missing in (tmp_path / 'empty', tmp_path / 'absent'):
@@ -656,7 +683,8 @@ def corrupted(tmp_path):
     noise_dir = tmp_path / "noise"
     noise_dir.mkdir()
     t = torch.arange(24000) / 48000
-    write_stereo_wav(noise_dir / "wind.wav", 0.2 * torch.sin(2 * math.pi * 300 * t), 0.1 * torch.sin(2 * math.pi * 500 * t), 48000)
+    write_stereo_wav(noise_dir / "wind.wav", 0.2 * torch.sin(2 * math.pi * 300 * t),
+                     0.1 * torch.sin(2 * math.pi * 500 * t), 48000)
     out = tmp_path / "C"
     argv = ["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"), "--out", str(out),
             "--video", "contrast", "impulse_noise", "--audio", "gaussian_noise", "wind", "--severities", "5",
@@ -674,17 +702,23 @@ def test_frames_are_the_projects_corruption_saved_as_jpeg_85(corrupted):
     assert listed[0]["video_path"] == str(out / "video" / "contrast" / "severity_5") + os.sep
     assert listed[0]["wav"] == str(root / "wav" / "clip0.wav")  # clean audio kept
     for name in ("contrast", "impulse_noise"):
-        clean = data.read_image(root / "frames" / "frame_5" / "clip3.jpg")[None].float() / 255  # (1, 3, 40, 48)
-        saved = data.read_image(out / "video" / name / "severity_5" / "frame_5" / "clip3.jpg")[None].float() / 255
+        # (1, 3, 40, 48)
+        clean = data.read_image(root / "frames" / "frame_5" / "clip3.jpg")[None].float() / 255
+        saved = data.read_image(out / "video" / name / "severity_5" / "frame_5"
+                                / "clip3.jpg")[None].float() / 255
         assert saved.shape == clean.shape  # corrupted at the stored size
         g = data.file_generator(0, name, 5, "clip3", 5)
         expected = data.corrupt_video(clean, name, 5, generator=g)
         err = (saved - expected).abs().mean().item() * 255
-        if name == "contrast":  # no randomness: only JPEG 85's loss (on pixel-noise test frames, its worst case)
+        # no randomness: only JPEG 85's loss (on pixel-noise test frames, its worst case)
+        if name == "contrast":
             assert err < 3.0
-        # exactly JPEG quality 85 of the project's corruption: encoding the expected frame at 85 gives the file
-        jpeg = torchvision.io.encode_jpeg((expected[0] * 255).round().clamp(0, 255).to(torch.uint8), quality=85)
-        assert bytes(jpeg.numpy()) == (out / "video" / name / "severity_5" / "frame_5" / "clip3.jpg").read_bytes()
+        # exactly JPEG quality 85 of the project's corruption:
+        # encoding the expected frame at 85 gives the file
+        jpeg = torchvision.io.encode_jpeg((expected[0] * 255).round().clamp(0, 255).to(torch.uint8),
+                                          quality=85)
+        assert bytes(jpeg.numpy()) == (out / "video" / name / "severity_5" / "frame_5"
+                                       / "clip3.jpg").read_bytes()
     # each frame its own draw: frame_0 of the same clip is not hit at the same pixels as frame_5
     assert not torch.equal(data.file_generator(0, "impulse_noise", 5, "clip3", 0).get_state(),
                            data.file_generator(0, "impulse_noise", 5, "clip3", 5).get_state())
@@ -694,7 +728,8 @@ def test_wavs_are_the_projects_corruption_within_16_bit_quantisation(corrupted):
     root, out, _, _ = corrupted
     clean, rate = data.read_wav(root / "wav" / "clip2.wav")  # (16000,), 16 kHz
     noisy, noisy_rate = data.read_wav(out / "audio" / "gaussian_noise" / "severity_5" / "clip2.wav")
-    expected = data.corrupt_audio(clean[None], "gaussian_noise", 5, generator=data.file_generator(0, "gaussian_noise", 5, "clip2"))
+    expected = data.corrupt_audio(clean[None], "gaussian_noise", 5,
+                                  generator=data.file_generator(0, "gaussian_noise", 5, "clip2"))
     assert noisy_rate == 16000 and noisy.shape == clean.shape
     assert (noisy - expected[0].clamp(-1, 1)).abs().max().item() <= 1 / 32768 + 1e-7  # one 16-bit step
     # wind: the stereo 48 kHz recording is averaged to mono and resampled to 16 kHz before the overlay,
@@ -706,7 +741,8 @@ def test_wavs_are_the_projects_corruption_within_16_bit_quantisation(corrupted):
     noise = torchaudio.functional.resample(mono, 48000, 16000)  # 8,000 samples: tiled twice over the clip
     gain = 10 ** (8 / 20)  # severity 5: +8 dB
     expected = (clean + (gain * noise.repeat(2)).clamp(-1, 1)).clamp(-1, 1)
-    assert (windy - expected).abs().max().item() <= 2 / 32768  # 16-bit steps of the noise file and of the output
+    # 16-bit steps of the noise file and of the output
+    assert (windy - expected).abs().max().item() <= 2 / 32768
 
 
 def test_resumed_run_skips_written_files_and_gives_the_same_set(corrupted):
@@ -739,14 +775,16 @@ def test_corrupted_set_loads_with_adapt_read_and_scores_like_a_direct_evaluation
     for modality, corruption in (("audio", "wind"), ("video", "contrast")):
         res = root / f"{modality}.json"
         adapt.main(["--method", "source", "--data", "read", "--dataset", "ks50", "--data-root", str(out),
-                    "--label-csv", str(root / "labels.csv"), "--checkpoint", str(ckpt), "--modality", modality,
-                    "--corruption", corruption, "--batch-size", "6", "--results", str(res)])
+                    "--label-csv", str(root / "labels.csv"), "--checkpoint", str(ckpt),
+                    "--modality", modality, "--corruption", corruption, "--batch-size", "6",
+                    "--results", str(res)])
         got = json.loads(res.read_text())["accuracy"][corruption]["source"]["mean"]
-        ds = data.ReadLayoutDataset(str(out / modality / corruption / "severity_5.json"), str(root / "labels.csv"),
-                                    mel_bins=64, target_length=128, image_size=64)
+        ds = data.ReadLayoutDataset(str(out / modality / corruption / "severity_5.json"),
+                                    str(root / "labels.csv"), mel_bins=64, target_length=128, image_size=64)
         batch = torch.utils.data.default_collate([ds[i] for i in range(6)])
         with torch.no_grad():
-            direct = 100.0 * (model(batch["audio"], batch["video"]).argmax(1) == batch["label"]).float().mean().item()
+            direct = 100.0 * (model(batch["audio"], batch["video"]).argmax(1)
+                              == batch["label"]).float().mean().item()
         assert got == pytest.approx(direct)  # one batch of all 6 clips: the same number
 
 
@@ -754,7 +792,8 @@ def test_clip_without_frames_is_left_out_and_reported(tmp_path):
     make_read_layout(tmp_path, n=3)
     for f in (tmp_path / "frames").rglob("clip1.jpg"):
         f.unlink()
-    report = data.main(["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"), "--out", str(tmp_path / "C"),
+    report = data.main(["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"),
+                        "--out", str(tmp_path / "C"),
                         "--video", "brightness", "--audio", "none", "--severities", "2"])
     listed = json.loads((tmp_path / "C" / "video" / "brightness" / "severity_2.json").read_text())["data"]
     assert [e["video_id"] for e in listed] == ["clip0", "clip2"]
@@ -776,7 +815,8 @@ def test_bad_corrupt_arguments_end_with_one_sentence(tmp_path, extra, message):
     (tmp_path / "noise").mkdir()
     extra = [str(tmp_path / "noise") if a == "NOISE" else a for a in extra]
     with pytest.raises(SystemExit) as e:
-        data.main(["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"), "--out", str(tmp_path / "C"), *extra])
+        data.main(["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"),
+                   "--out", str(tmp_path / "C"), *extra])
     if message is None:
         assert e.value.code == 2  # argparse's usage error
     else:
@@ -786,7 +826,8 @@ def test_bad_corrupt_arguments_end_with_one_sentence(tmp_path, extra, message):
 
 def test_output_folder_that_is_a_file_or_not_writable_is_refused(tmp_path, monkeypatch):
     make_read_layout(tmp_path, n=2)
-    argv = ["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"), "--audio", "none", "--video", "fog"]
+    argv = ["corrupt", "--json", str(tmp_path / "clean" / "severity_0.json"),
+            "--audio", "none", "--video", "fog"]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="--out .*afile is a file; give a folder"):
         data.main(argv + ["--out", str(tmp_path / "afile")])
@@ -807,7 +848,8 @@ def test_a_batch_of_frames_gets_what_each_frame_gets_alone():
     bank = data.frost_bank(48, torch.Generator().manual_seed(1))             # frost crops max(H, W) = 48
     for name in data.VIDEO_CORRUPTIONS:
         gens = lambda: [data.file_generator(0, name, 5, f"clip{i}", 3) for i in range(5)]
-        alone = torch.cat([data.corrupt_video(x[i:i + 1], name, 5, g, frost_bank=bank) for i, g in enumerate(gens())])
+        alone = torch.cat([data.corrupt_video(x[i:i + 1], name, 5, g, frost_bank=bank)
+                           for i, g in enumerate(gens())])
         assert torch.equal(data.corrupt_video(x, name, 5, gens(), frost_bank=bank), alone), name
 
 
@@ -817,7 +859,8 @@ def two_size_set(root):
     g = torch.Generator().manual_seed(1)
     for i in (0, 5):
         img = (torch.rand(3, 36, 44, generator=g) * 255).to(torch.uint8)
-        torchvision.io.write_file(str(root / "frames" / f"frame_{i}" / "clip3.jpg"), torchvision.io.encode_jpeg(img))
+        torchvision.io.write_file(str(root / "frames" / f"frame_{i}" / "clip3.jpg"),
+                                  torchvision.io.encode_jpeg(img))
     return root / "clean" / "severity_0.json"
 
 
@@ -833,12 +876,14 @@ def test_files_do_not_depend_on_batch_size_workers_or_an_interruption(tmp_path, 
     data.main(base + ["--out", str(tmp_path / "A"), "--batch-size", "1"])  # one file per call
     reference = corrupted_files(tmp_path / "A")
     # 4 clips x 2 frames x 15 + 4 WAVs x 6, plus 21 lists and the clean one
-    assert sum(k.endswith(".jpg") for k in reference) == 120 and sum(k.endswith(".wav") for k in reference) == 24
+    assert (sum(k.endswith(".jpg") for k in reference) == 120
+            and sum(k.endswith(".wav") for k in reference) == 24)
     # batches of 5 mix the two frame sizes and cross clips; two worker processes
     data.main(base + ["--out", str(tmp_path / "B"), "--batch-size", "5"])
     assert corrupted_files(tmp_path / "B") == reference
     # resumed after files were lost: the rest is kept, the lost ones come back the same
-    lost = [tmp_path / "B" / k for k in ("video/frost/severity_5/frame_5/clip3.jpg", "video/fog/severity_5/frame_0/clip1.jpg",
+    lost = [tmp_path / "B" / k for k in ("video/frost/severity_5/frame_5/clip3.jpg",
+                                         "video/fog/severity_5/frame_0/clip1.jpg",
                                          "video/snow/severity_5.json", "audio/crowd/severity_5/clip2.wav")]
     for p in lost:
         p.unlink()
@@ -857,7 +902,8 @@ def test_files_do_not_depend_on_batch_size_workers_or_an_interruption(tmp_path, 
         data.main(base + ["--out", str(tmp_path / "C"), "--batch-size", "3"])
     # the first corruption's 8 frames are written (calls on clip0-1, clip1-2, clip3's other size) and listed
     done = sorted(str(p.relative_to(tmp_path / "C")) for p in (tmp_path / "C").rglob("*.jpg"))
-    assert done == sorted(f"video/gaussian_noise/severity_5/frame_{i}/clip{c}.jpg" for i in (0, 5) for c in range(4))
+    assert done == sorted(f"video/gaussian_noise/severity_5/frame_{i}/clip{c}.jpg"
+                          for i in (0, 5) for c in range(4))
     assert (tmp_path / "C" / "video" / "gaussian_noise" / "severity_5.json").is_file()
     assert not (tmp_path / "C" / "video" / "shot_noise" / "severity_5.json").exists()
     assert not list((tmp_path / "C").rglob("*.tmp"))
@@ -866,14 +912,17 @@ def test_files_do_not_depend_on_batch_size_workers_or_an_interruption(tmp_path, 
     assert report["skipped_existing"] == 8 and corrupted_files(tmp_path / "C") == reference
     # and the files are the project's corruptions of each file alone: frost cropped from the set's bank
     # (frames of clip3 are 36 x 44: the bank of size max(H, W) = 44), crowd over the set's recording
-    frame = data.read_image(tmp_path / "frames" / "frame_5" / "clip3.jpg")[None].float() / 255   # (1, 3, 36, 44)
+    # (1, 3, 36, 44)
+    frame = data.read_image(tmp_path / "frames" / "frame_5" / "clip3.jpg")[None].float() / 255
     iced = data.corrupt_video(frame, "frost", 5, data.file_generator(7, "frost", 5, "clip3", 5),
                               frost_bank=data.set_frost_bank(7, 44))
     jpeg = torchvision.io.encode_jpeg((iced[0] * 255).round().clamp(0, 255).to(torch.uint8), quality=85)
     assert bytes(jpeg.numpy()) == reference["video/frost/severity_5/frame_5/clip3.jpg"]
     wav, _ = data.read_wav(tmp_path / "wav" / "clip2.wav")                                          # (16000,)
-    recording = data.set_noise_recording(7, "crowd", 16000)                                         # (160000,) 10 s
-    assert recording.shape == (160000,) and recording.pow(2).mean().sqrt().item() == pytest.approx(data.NOISE_RMS, rel=0.02)
-    expected = (wav + (10 ** (8 / 20) * recording[:16000]).clamp(-1, 1)).clamp(-1, 1)  # severity 5: +8 dB, cut from its start
+    recording = data.set_noise_recording(7, "crowd", 16000)  # (160000,) 10 s
+    assert (recording.shape == (160000,)
+            and recording.pow(2).mean().sqrt().item() == pytest.approx(data.NOISE_RMS, rel=0.02))
+    # severity 5: +8 dB, cut from its start
+    expected = (wav + (10 ** (8 / 20) * recording[:16000]).clamp(-1, 1)).clamp(-1, 1)
     crowd, _ = data.read_wav(tmp_path / "A" / "audio" / "crowd" / "severity_5" / "clip2.wav")
     assert (crowd - expected).abs().max().item() <= 1 / 32768 + 1e-7  # one 16-bit step

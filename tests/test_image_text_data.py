@@ -218,7 +218,8 @@ def write_rgba_png(path, rgba, h=4, w=4):
     return str(path)
 
 
-WORDS = data.WordTokenizer(["hello", "world", "second", "plot", "red", "cake", "hot", "spicy", "tacos", "a", "meme"])
+WORDS = data.WordTokenizer(["hello", "world", "second", "plot", "red", "cake", "hot", "spicy", "tacos", "a",
+                            "meme"])
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -235,7 +236,8 @@ def test_clip_tokenizer_merges_and_splitting(bpe):
     assert bpe.encode("hello") == [515]
     # "hell": h e l l</w> -> he l l</w>; no merge (he, l) or (l, l</w>) is listed -> 512, 'l' 75, 'l</w>' 331
     assert bpe.encode("hell") == [512, 108 - 33, 108 - 33 + 256]
-    # "Hello,  hello!" -> "hello, hello!" -> hello | , | hello | !   (',' is 44 - 33 = 11 -> ',</w>' 267; '!</w>' 256)
+    # "Hello,  hello!" -> "hello, hello!" -> hello | , | hello | !
+    # (',' is 44 - 33 = 11 -> ',</w>' 267; '!</w>' 256)
     assert bpe.encode("Hello,  hello!") == [515, 267, 515, 256]
     # contractions: "don't" -> don | 't : d 67, o 78, n</w> 333 ; ' 6, t</w> 339
     assert bpe.encode("don't") == [67, 78, 333, 6, 339]
@@ -270,12 +272,13 @@ def test_frames_to_input_default_unchanged_and_clip_constants():
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (2, 3, 10, 12), dtype=torch.uint8, generator=g)
     x = frames.float() / 255.0  # the former body, written out: resize, crop, clamp, ImageNet mean / std
-    x = torchvision.transforms.functional.resize(x, 8, interpolation=torchvision.transforms.InterpolationMode.BICUBIC,
-                                                 antialias=True)
+    x = torchvision.transforms.functional.resize(
+        x, 8, interpolation=torchvision.transforms.InterpolationMode.BICUBIC, antialias=True)
     x = torchvision.transforms.functional.center_crop(x, [8, 8]).clamp(0, 1)
     expected = torchvision.transforms.functional.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD)
     assert torch.equal(data.frames_to_input(frames, 8), expected)
-    # a constant image of 200 through CLIP's path: (0.784314 - 0.48145466) / 0.26862954 = 0.302859 / 0.268630 = 1.127423
+    # a constant image of 200 through CLIP's path:
+    # (0.784314 - 0.48145466) / 0.26862954 = 0.302859 / 0.268630 = 1.127423
     img = torch.full((3, 10, 14), 200, dtype=torch.uint8)
     out = data.clip_preprocess(img, 8)
     assert out.shape == (3, 8, 8)
@@ -288,7 +291,8 @@ def test_read_image_grey_and_rgba_become_rgb(tmp_path):
     grey = data.read_image(write_image(tmp_path / "grey.png", 77))
     assert grey.shape == (3, 8, 8) and grey[:, 0, 0].tolist() == [77, 77, 77]
     grey_jpeg = data.read_image(write_image(tmp_path / "grey.jpg", 77, fmt="jpg"))
-    assert grey_jpeg.shape == (3, 8, 8) and grey_jpeg[:, 3, 3].tolist() == [77, 77, 77]  # a flat block is exact
+    # a flat block is exact
+    assert grey_jpeg.shape == (3, 8, 8) and grey_jpeg[:, 3, 3].tolist() == [77, 77, 77]
     rgba = data.read_image(write_rgba_png(tmp_path / "rgba.png", (10, 20, 30, 128)))
     assert rgba.shape == (3, 4, 4) and rgba[:, 1, 2].tolist() == [10, 20, 30]  # alpha dropped
 
@@ -296,7 +300,8 @@ def test_read_image_grey_and_rgba_become_rgb(tmp_path):
 # ---------------------------------------------------------------------------- MM-IMDb
 def make_mmimdb(root, movies=None, splits=None):
     movies = movies or {"0001": (["hello world", "second plot"], ["Comedy", "News", "Film-Noir"]),
-                        "0002": (["red cake"], ["Drama"]), "0003": (["a meme"], []), "0004": (["hot"], ["Short"])}
+                        "0002": (["red cake"], ["Drama"]), "0003": (["a meme"], []),
+                        "0004": (["hot"], ["Short"])}
     for i, (plots, genres) in movies.items():
         write_image(os.path.join(root, "images", f"{i}.jpeg"), (50, 100, 150), fmt="jpg")
         os.makedirs(os.path.join(root, "labels"), exist_ok=True)
@@ -314,7 +319,8 @@ def test_mmimdb_reads_labels_and_first_plot(tmp_path, capsys):
             for s in ("train", "val", "test")}
     # 0003 has an empty genre list: skipped and counted
     assert {s: len(d) for s, d in sets.items()} == {"train": 2, "val": 1, "test": 1}
-    assert "MM-IMDb train: skipped 1 of 3 films without a genre of the 23 (first: 0003)" in capsys.readouterr().err
+    assert ("MM-IMDb train: skipped 1 of 3 films without a genre of the 23 (first: 0003)"
+            in capsys.readouterr().err)
     item = sets["train"][0]
     # Comedy is genre 1, Film-Noir genre 22 of the 23; News is one of the IMDb genres MM-IMDb dropped: ignored
     assert item["label"].dtype == torch.float and item["label"].nonzero().flatten().tolist() == [1, 22]
@@ -329,18 +335,22 @@ def test_mmimdb_reads_labels_and_first_plot(tmp_path, capsys):
 def test_mmimdb_bad_inputs(tmp_path):
     root = make_mmimdb(tmp_path / "a", splits={"train": ["0001", "0009"], "dev": [], "test": ["0004"]})
     refused(data.image_text_split, "mmimdb", root, "train", WORDS, match="0009.jpeg, which does not exist")
-    refused(data.image_text_split, "mmimdb", root, "val", WORDS, match="split.json has no non-empty list 'dev'")
+    refused(data.image_text_split, "mmimdb", root, "val", WORDS,
+            match="split.json has no non-empty list 'dev'")
     root = make_mmimdb(tmp_path / "b", movies={"0001": (["hot"], ["Cooking"])},
                        splits={"train": ["0001"], "dev": ["0001"], "test": ["0001"]})
-    refused(data.image_text_split, "mmimdb", root, "test", WORDS, match="0001.json has the genre 'Cooking', not one of the 23 (closest: none)")
+    refused(data.image_text_split, "mmimdb", root, "test", WORDS,
+            match="0001.json has the genre 'Cooking', not one of the 23 (closest: none)")
     with open(os.path.join(root, "labels", "0001.json"), "w") as f:
         f.write("{\"plot\": [\"hot\"")
     refused(data.image_text_split, "mmimdb", root, "test", WORDS, match='0001.json is not valid JSON')
     with open(os.path.join(root, "labels", "0001.json"), "w") as f:
         json.dump({"plot": [], "genres": []}, f)
-    refused(data.image_text_split, "mmimdb", root, "test", WORDS, match="0001.json needs a non-empty 'plot' list")
+    refused(data.image_text_split, "mmimdb", root, "test", WORDS,
+            match="0001.json needs a non-empty 'plot' list")
     refused(data.image_text_split, "imdb", root, "test", WORDS, match="unknown image-text dataset 'imdb'")
-    refused(data.image_text_split, "mmimdb", root, "dev", WORDS, match="unknown split 'dev'; choose train, val or test")
+    refused(data.image_text_split, "mmimdb", root, "dev", WORDS,
+            match="unknown split 'dev'; choose train, val or test")
 
 
 # ---------------------------------------------------------------------------- UPMC Food-101
@@ -348,7 +358,8 @@ def make_food101(root, train_rows=None, test_rows=None):
     for split, n in (("train", 5), ("test", 1)):
         for cls in ("tacos", "apple_pie"):
             for k in range(n):
-                write_image(os.path.join(root, "images", split, cls, f"{cls}_{k}.jpg"), (200, 100, 0), fmt="jpg")
+                write_image(os.path.join(root, "images", split, cls, f"{cls}_{k}.jpg"), (200, 100, 0),
+                            fmt="jpg")
     os.makedirs(os.path.join(root, "texts"), exist_ok=True)
     train_rows = train_rows or [f"{c}_{k}.jpg,red cake,{c}" for c in ("apple_pie", "tacos") for k in range(5)]
     test_rows = test_rows or ['tacos_0.jpg,"hot, spicy tacos",tacos', "apple_pie_0.jpg,hot, spicy,apple_pie"]
@@ -365,7 +376,8 @@ def test_food101_classes_splits_and_texts(tmp_path):
                         for s in ("train", "val", "test"))
     # 10 train rows: val = round(0.1 * 10) = 1 row, train the other 9, no row in both
     assert (len(train), len(val), len(test)) == (9, 1, 2)
-    assert sorted(train.ids + val.ids) == sorted(f"{c}_{k}.jpg" for c in ("apple_pie", "tacos") for k in range(5))
+    assert sorted(train.ids + val.ids) == sorted(f"{c}_{k}.jpg" for c in ("apple_pie", "tacos")
+                                                 for k in range(5))
     # classes are the sorted folders: apple_pie 0, tacos 1
     assert test.labels.dtype == torch.long and test.labels.tolist() == [1, 0]
     assert train[0]["text"].tolist() == [12, 5, 6, 13, 0, 0]  # "red cake": sot, red 5, cake 6, eot
@@ -385,7 +397,8 @@ def test_food101_uses_maps_split_file_when_present(tmp_path):
     assert len(data.image_text_split("food101", root, "test", WORDS)) == 2  # test always from test_titles.csv
     with open(os.path.join(root, "split.json"), "w") as f:
         json.dump({"train": ["sushi_3.jpg"], "val": ["tacos_4.jpg"]}, f)
-    refused(data.image_text_split, "food101", root, "train", WORDS, match="split.json lists 'sushi_3.jpg' in 'train', which is not a row of")
+    refused(data.image_text_split, "food101", root, "train", WORDS,
+            match="split.json lists 'sushi_3.jpg' in 'train', which is not a row of")
 
 
 def test_food101_header_and_bad_rows(tmp_path):
@@ -396,9 +409,11 @@ def test_food101_header_and_bad_rows(tmp_path):
     root = make_food101(tmp_path / "b", test_rows=["tacos_7.jpg,hot,tacos"])
     refused(data.image_text_split, "food101", root, "test", WORDS, match='tacos_7.jpg, which does not exist')
     root = make_food101(tmp_path / "c", test_rows=["tacos_0.jpg,hot,sushi"])
-    refused(data.image_text_split, "food101", root, "test", WORDS, match="test_titles.csv has the class 'sushi', which has no folder")
+    refused(data.image_text_split, "food101", root, "test", WORDS,
+            match="test_titles.csv has the class 'sushi', which has no folder")
     root = make_food101(tmp_path / "d", test_rows=["tacos_0.jpg"])
-    refused(data.image_text_split, "food101", root, "test", WORDS, match="test_titles.csv is 'tacos_0.jpg'; every row needs")
+    refused(data.image_text_split, "food101", root, "test", WORDS,
+            match="test_titles.csv is 'tacos_0.jpg'; every row needs")
 
 
 # ---------------------------------------------------------------------------- Hateful Memes
@@ -424,7 +439,8 @@ def test_hatememes_reads_splits_pixels_and_labels(tmp_path):
     assert train.ids == ["1235", "4567"]
     # "a meme": a 10, meme 11 between sot 12 and eot 13
     assert train[0]["text"].tolist() == [12, 10, 11, 13, 0]
-    # an 8 x 8 PNG of (10, 20, 30) at image_size 8 (no resize): R (0.039216 - 0.48145466) / 0.26862954 = -1.646278
+    # an 8 x 8 PNG of (10, 20, 30) at image_size 8 (no resize):
+    # R (0.039216 - 0.48145466) / 0.26862954 = -1.646278
     image = train[0]["image"]
     assert abs(clip_value(10, 0) - -1.646278) < 1e-6
     for c, v in enumerate((10, 20, 30)):
@@ -437,22 +453,27 @@ def test_hatememes_bad_inputs(tmp_path):
     refused(data.image_text_split, "hatememes", root, "test", WORDS, match="test_seen.jsonl has no 'label' ")
     root = make_hatememes(tmp_path / "b", {"dev_seen": ['{"id": 1, "img": "img/01235.png",']})
     refused(data.image_text_split, "hatememes", root, "val", WORDS, match='dev_seen.jsonl is not valid JSON')
-    root = make_hatememes(tmp_path / "c", {"train": [{"id": 7, "img": "img/00007.png", "label": 0, "text": "hot"}]})
+    root = make_hatememes(tmp_path / "c",
+                          {"train": [{"id": 7, "img": "img/00007.png", "label": 0, "text": "hot"}]})
     refused(data.image_text_split, "hatememes", root, "train", WORDS, match='00007.png, which does not exist')
-    root = make_hatememes(tmp_path / "d", {"train": [{"id": 7, "img": "img/01235.png", "label": 2, "text": "hot"}]})
-    refused(data.image_text_split, "hatememes", root, "train", WORDS, match='train.jsonl needs id, img, label (0 or 1) and text')
+    root = make_hatememes(tmp_path / "d",
+                          {"train": [{"id": 7, "img": "img/01235.png", "label": 2, "text": "hot"}]})
+    refused(data.image_text_split, "hatememes", root, "train", WORDS,
+            match='train.jsonl needs id, img, label (0 or 1) and text')
     root = make_hatememes(tmp_path / "e", {"train": [""]})
     refused(data.image_text_split, "hatememes", root, "train", WORDS, match='hatememes train ')
     root = make_hatememes(tmp_path / "f")
     with open(os.path.join(root, "img", "01235.png"), "wb") as f:
         f.write(b"GIF89a")
-    refused(data.image_text_split, "hatememes", root, "train", WORDS, match='01235.png is not a JPEG or PNG image')
+    refused(data.image_text_split, "hatememes", root, "train", WORDS,
+            match='01235.png is not a JPEG or PNG image')
 
 
 # ---------------------------------------------------------------------------- real folders (issue 25 item 5)
 def test_genres_match_case_insensitively_and_an_unknown_one_names_the_closest(tmp_path):
     movies = {"0001": (["hot"], ["comedy", "SCI-FI", "news"]), "0002": (["hot"], ["Sci-fy"])}
-    root = make_mmimdb(tmp_path / "m", movies=movies, splits={"train": ["0001"], "dev": ["0002"], "test": ["0002"]})
+    root = make_mmimdb(tmp_path / "m", movies=movies,
+                       splits={"train": ["0001"], "dev": ["0002"], "test": ["0002"]})
     train = data.image_text_split("mmimdb", root, "train", WORDS, image_size=8, context_length=4)
     assert train[0]["label"].nonzero().flatten().tolist() == [1, 10]  # Comedy 1, Sci-Fi 10; news dropped
     refused(data.image_text_split, "mmimdb", root, "val", WORDS, match="genre 'Sci-fy', not one of the 23 "
@@ -501,17 +522,20 @@ def test_missing_table_file_reused_and_refused(tmp_path):
     ids = ["0001", "0002", "0003", "0004"]
     has = data.load_or_make_missing_table(path, ids, "both", 0.7, 0)
     saved = json.load(open(path))
-    codes = (~has["text"]).long() + 2 * (~has["image"]).long()  # MAP's codes 0 complete, 1 text, 2 image missing
+    # MAP's codes 0 complete, 1 text, 2 image missing
+    codes = (~has["text"]).long() + 2 * (~has["image"]).long()
     assert saved == {"kind": "both", "rate": 0.7, "seed": 0, "ids": ids, "missing": codes.tolist()}
     # 4 samples, rate 0.7: m = round(2.8) = 3 -> 2 text, 1 image, 1 complete
     assert torch.bincount(codes, minlength=3).tolist() == [1, 2, 1]
     saved["missing"] = [2, 2, 1, 0]  # a file on disk wins over a new draw: it is read, not redrawn
     common.write_json(path, saved)
     again = data.load_or_make_missing_table(path, ids, "both", 0.7, 0)
-    assert again["image"].tolist() == [False, False, True, True] and again["text"].tolist() == [True, True, False, True]
-    refused(data.load_or_make_missing_table, path, ids, "both", 0.5, 0, match="was made with other settings than "
-            "kind=both, rate=0.5, seed=0")
-    refused(data.load_or_make_missing_table, path, ids[:3], "both", 0.7, 0, match="was made for other samples")
+    assert (again["image"].tolist() == [False, False, True, True]
+            and again["text"].tolist() == [True, True, False, True])
+    refused(data.load_or_make_missing_table, path, ids, "both", 0.5, 0,
+            match="was made with other settings than kind=both, rate=0.5, seed=0")
+    refused(data.load_or_make_missing_table, path, ids[:3], "both", 0.7, 0,
+            match="was made for other samples")
     with open(path, "w") as f:
         f.write("[1, 2]")
     refused(data.load_or_make_missing_table, path, ids, "both", 0.7, 0, match="is not a missing table")
@@ -526,9 +550,11 @@ def test_with_missing_image_text_in_memory_placeholders():
     has = {"text": torch.tensor([True, False, True, True]), "image": torch.tensor([True, True, False, True])}
     blank = {"text": WORDS([""], 5)[0], "image": data.image_placeholder("ones", (3, 2, 2))}
     f = data.with_missing(ds, has, blank).fields
-    assert f["has_text"].tolist() == [True, False, True, True] and f["has_image"].tolist() == [True, True, False, True]
+    assert (f["has_text"].tolist() == [True, False, True, True]
+            and f["has_image"].tolist() == [True, True, False, True])
     assert f["text"][1].tolist() == [12, 13, 0, 0, 0]  # the tokenised "": sot, eot
-    assert torch.equal(f["text"][[0, 2, 3]], text[[0, 2, 3]]) and torch.equal(f["image"][[0, 1, 3]], image[[0, 1, 3]])
+    assert (torch.equal(f["text"][[0, 2, 3]], text[[0, 2, 3]])
+            and torch.equal(f["image"][[0, 1, 3]], image[[0, 1, 3]]))
     assert torch.equal(f["image"][2], torch.ones(3, 2, 2, dtype=torch.float64))
     assert torch.equal(data.image_placeholder("zeros", (3, 2, 2)), torch.zeros(3, 2, 2))
     black = data.image_placeholder("black", (3, 2, 2))
@@ -550,7 +576,8 @@ def test_with_missing_image_text_lazy(tmp_path):
     assert torch.allclose(first["image"][0], torch.full((8, 8), -1.792263), atol=1e-6)  # black, red channel
     assert first["text"].tolist() == [12, 10, 11, 13, 0]  # its text kept ("a meme")
     assert second["text"].tolist() == [12, 13, 0, 0, 0]  # the tokenised ""
-    assert torch.allclose(second["image"][2], torch.full((8, 8), clip_value(30, 2)), atol=1e-6)  # its image kept
+    # its image kept
+    assert torch.allclose(second["image"][2], torch.full((8, 8), clip_value(30, 2)), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- metrics (common.py)
@@ -570,8 +597,10 @@ def test_f1_scores_by_hand():
     assert f1["f1_macro"] == pytest.approx(75.0) and f1["f1_micro"] == pytest.approx(200 / 3)
     # a logit of 0 is sigmoid 0.5 >= 0.5: positive (F1 100); at threshold 0.6 it is not (FN 1: F1 0)
     zero, one = torch.tensor([[0.0]]), torch.tensor([[1.0]])
-    assert common.f1_scores(zero, one)["f1_macro"] == 100.0 and common.f1_scores(zero, one, 0.6)["f1_macro"] == 0.0
-    # class 1 has no positive and no prediction: it counts 0 (sklearn zero_division=0): macro (1 + 0) / 2 = 50%
+    assert (common.f1_scores(zero, one)["f1_macro"] == 100.0
+            and common.f1_scores(zero, one, 0.6)["f1_macro"] == 0.0)
+    # class 1 has no positive and no prediction: it counts 0 (sklearn zero_division=0):
+    # macro (1 + 0) / 2 = 50%
     # micro: TP 1, FP 0, FN 0 -> 100%
     f1 = common.f1_scores(torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 0.0]]))
     assert (f1["f1_macro"], f1["f1_micro"]) == (50.0, 100.0)
