@@ -83,3 +83,42 @@ def refused(fn, *args, match=None, **kwargs):
     if match is not None:
         assert match in text, f"{match!r} not in {text!r}"
     return text
+
+
+# ---------------------------------------------------------------- a small float64 CLIP (cmpt, aoept tests)
+INF = float("-inf")
+VOCAB = 10  # CLIP's convention: end-of-text = the largest id, 9; start-of-text = 8; 0 padding
+SOT, EOT = VOCAB - 2, VOCAB - 1
+D = 8  # both towers' width
+E = 4  # the joint width
+# end of text at 3, 2, 4: the batch is cut to eot.max() + 1 = 5 columns, rows 0 and 1 keep padding inside them
+TEXT = torch.tensor([[SOT, 3, 5, EOT, 0, 0],
+                     [SOT, 4, EOT, 0, 0, 0],
+                     [SOT, 2, 6, 7, EOT, 0]])
+TEXT_EOT = torch.tensor([3, 2, 4])
+
+
+def small_config(layers):
+    return dict(image_size=8, patch_size=4, vision_width=D, vision_layers=layers, vision_heads=2, embed_dim=E,
+                context_length=6, vocab_size=None, text_width=D, text_layers=layers, text_heads=2)
+
+
+@pytest.fixture
+def make_clip(monkeypatch):
+    """make_clip(layers=2, seed=0) -> a frozen float64 CLIP of `layers` blocks per tower, width 8, 2 heads,
+    8 x 8 images in 4 patches of 4 x 4 (5 image tokens), contexts of 6, joint width 4, vocabulary 10."""
+    import common
+    monkeypatch.setitem(common.CLIP_CONFIGS, "t2", small_config(2))
+    monkeypatch.setitem(common.CLIP_CONFIGS, "t4", small_config(4))
+
+    def make(layers=2, seed=0):
+        torch.manual_seed(seed)
+        clip = common.CLIP(f"t{layers}", vocab_size=VOCAB).double().eval()
+        for p in clip.parameters():
+            p.requires_grad_(False)
+        return clip
+    return make
+
+
+def images(B, seed=1):
+    return torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
