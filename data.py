@@ -1005,6 +1005,15 @@ def synth_audio(labels, latents, g, cfg=EMBEDDED):
 
 def generate_embedded(seed=0, cfg=EMBEDDED, chunk=500, quiet=None):
     """{split: {'wav' int16, 'frames' uint8, 'label', latents}}; split i seeded seed * 1000 + i."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same bytes on every machine (two threads round some frames otherwise)
+    try:
+        return _generate_embedded(seed, cfg, chunk, quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate_embedded(seed, cfg, chunk, quiet):
     out = {}
     total = sum(cfg[f"n_{s}"] for s in ("train", "val", "test"))
     bar = tqdm(total=total, desc="generating the embedded benchmark", unit="clip", dynamic_ncols=True,
