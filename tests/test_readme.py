@@ -26,7 +26,8 @@ def cell(values):
 
 
 def tta_rows():
-    """Averages over corruption types: video, audio (seeds 1 2 3), continual (seed 1); cost of the video run."""
+    """Averages over corruption types: video, audio (seeds 1 2 3), continual (seed 1); cost of the video
+    run."""
     video, audio, cont = load("adapt_video.json"), load("adapt_audio.json"), load("adapt_continual.json")
     rows = []
     for m in TTA_METHODS:
@@ -51,7 +52,8 @@ def av_rows(file, variants, settings):
     rows = []
     for r in load(file)["results"]:
         if r["setting"] in settings:
-            values = r.get("values", r.get("accuracy"))  # the audio-video runs before 2026-12 wrote "accuracy"
+            # the audio-video runs before 2026-12 wrote "accuracy"
+            values = r.get("values", r.get("accuracy"))
             rows.append(f"| {r['setting']} | " + " | ".join(cell(values[v]) for v in variants) + " |")
     return rows
 
